@@ -1,0 +1,117 @@
+"""Observation operators y = h(x[idx]) + N(0, sigma^2) and their likelihood scores.
+
+An operator observes a fixed set of state variables (all, every ``stride``-th, or a fixed
+random subset) through ``identity`` or ``arctan``. States are ``[..., d]`` tensors; an
+observation vector is ``[m]`` with ``m = len(indices)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+Operator = Literal["identity", "arctan"]
+
+
+@dataclass
+class ObsConfig:
+    """How the truth is observed at each analysis time."""
+
+    operator: Operator = "identity"
+    sigma: float = 1.0  # observation error standard deviation
+    every: int = 1  # model steps between analyses
+    stride: int = 1  # observe every stride-th variable (offset 0)
+    random_fraction: Optional[float] = None  # observe a fixed random subset of this fraction instead
+
+    def __post_init__(self) -> None:
+        if not (self.sigma > 0 and math.isfinite(self.sigma)):
+            raise ValueError(f"obs.sigma must be a finite number > 0, got {self.sigma}")
+        if self.every < 1:
+            raise ValueError(f"obs.every must be >= 1 model step, got {self.every}")
+        if self.stride < 1:
+            raise ValueError(f"obs.stride must be >= 1, got {self.stride}")
+        if self.random_fraction is not None:
+            if not 0 < self.random_fraction <= 1:
+                raise ValueError(f"obs.random_fraction must be in (0, 1], got {self.random_fraction}")
+            if self.stride != 1:
+                raise ValueError("obs.random_fraction and obs.stride > 1 are exclusive: set one")
+
+
+class ObservationOperator:
+    """h(x) = op(x[..., indices]) with Gaussian error of standard deviation ``sigma``."""
+
+    def __init__(self, operator: Operator, sigma: float, indices: torch.Tensor, dim: int):
+        if operator not in ("identity", "arctan"):
+            raise ValueError(f"unknown observation operator {operator!r}; valid: identity, arctan")
+        if not (sigma > 0 and math.isfinite(sigma)):
+            raise ValueError(f"observation sigma must be a finite number > 0, got {sigma}")
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if indices.numel() == 0:
+            raise ValueError("observation operator observes no variable")
+        if int(indices.min()) < 0 or int(indices.max()) >= dim:
+            raise ValueError(
+                f"observed indices must lie in [0, {dim}), found [{int(indices.min())}, {int(indices.max())}]"
+            )
+        self.operator = operator
+        self.sigma = float(sigma)
+        self.indices = indices
+        self.dim = dim
+        self._all = indices.numel() == dim and bool((indices == torch.arange(dim)).all())
+
+    @classmethod
+    def from_config(cls, config: ObsConfig, dim: int, generator: torch.Generator) -> "ObservationOperator":
+        """Operator for a ``dim``-variable state; random subsets are drawn once from ``generator``."""
+        if config.random_fraction is not None:
+            count = max(1, round(config.random_fraction * dim))
+            indices = torch.randperm(dim, generator=generator)[:count].sort().values
+        else:
+            indices = torch.arange(0, dim, config.stride)
+        return cls(config.operator, config.sigma, indices, dim)
+
+    @property
+    def size(self) -> int:
+        """Number of observations per analysis time."""
+        return self.indices.numel()
+
+    def observed(self, x: torch.Tensor) -> torch.Tensor:
+        """The observed variables x[..., indices] (``[..., m]``)."""
+        return x if self._all else x[..., self.indices.to(x.device)]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """h(x) for states ``[..., d]``, giving ``[..., m]``."""
+        xo = self.observed(x)
+        return torch.atan(xo) if self.operator == "arctan" else xo
+
+    def sample(self, truth: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A noisy observation of ``truth`` (``[d]``)."""
+        clean = self(truth)
+        noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype, device=generator.device)
+        return clean + self.sigma * noise.to(clean.device)
+
+    def likelihood_score(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """grad_z log p(y | z) = J_h(z)^T (y - h(z)) / sigma^2, shape of ``z`` (``[..., d]``)."""
+        zo = self.observed(z)
+        if self.operator == "arctan":
+            score_obs = (y - torch.atan(zo)) / ((1.0 + zo * zo) * self.sigma**2)
+        else:
+            score_obs = (y - zo) / self.sigma**2
+        if self._all:
+            return score_obs
+        score = torch.zeros_like(z)
+        score[..., self.indices.to(z.device)] = score_obs
+        return score
+
+    def check(self, y: torch.Tensor, where: str = "observations") -> None:
+        """Reject observation vectors of the wrong size or with NaN/inf entries."""
+        if y.shape[-1] != self.size:
+            raise ValueError(f"{where}: expected {self.size} values, found {y.shape[-1]}")
+        bad = ~torch.isfinite(y)
+        if bad.any():
+            first = int(bad.nonzero()[0, -1])
+            raise ValueError(
+                f"{where}: {int(bad.sum())} non-finite value(s) (NaN/inf), first at observation "
+                f"{first} (state variable {int(self.indices[first])})"
+            )
