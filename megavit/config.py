@@ -4,7 +4,7 @@ Precedence (last wins): dataclass defaults < YAML file < command-line overrides 
 ``filter.ensemble_size=40``. Every section is a dataclass; unknown keys, wrong types and
 values outside a ``Literal`` set fail with a :class:`ConfigError` that names the dotted key
 and the closest valid spellings. A field whose metadata carries ``registry`` is a
-polymorphic section: its ``name`` key picks the dataclass (for example ``filter.name: ensf``).
+polymorphic section: its ``name`` key (else the default entry) picks the dataclass (``filter.name: ensf``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def registry_field(registry: Mapping[str, type], default: str) -> Any:
     """A dataclass field whose section picks its schema from ``registry`` by ``name``."""
     return dataclasses.field(
         default_factory=lambda: registry[default](),
-        metadata={"registry": registry},
+        metadata={"registry": registry, "default": default},
     )
 
 
@@ -69,7 +69,7 @@ def build(schema: type[T], data: Mapping[str, Any], where: str = "") -> T:
         field = fields[name]
         key = _join(where, name)
         if "registry" in field.metadata:
-            kwargs[name] = _build_from_registry(field.metadata["registry"], value, key)
+            kwargs[name] = _build_from_registry(field.metadata["registry"], field.metadata["default"], value, key)
         else:
             kwargs[name] = _coerce(hints[name], value, key)
     try:
@@ -93,10 +93,10 @@ def to_dict(config: Any) -> dict[str, Any]:
     return out
 
 
-def _build_from_registry(registry: Mapping[str, type], value: Any, key: str) -> Any:
-    if not isinstance(value, Mapping) or "name" not in value:
+def _build_from_registry(registry: Mapping[str, type], default: str, value: Any, key: str) -> Any:
+    if not isinstance(value, Mapping):
         raise ConfigError(f"{key}: expected a mapping with a 'name' key, one of {sorted(registry)}")
-    name = value["name"]
+    name = value.get("name", default)
     if name not in registry:
         close = difflib.get_close_matches(str(name), list(registry), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""

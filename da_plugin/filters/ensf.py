@@ -97,7 +97,8 @@ class EnSF:
             cross += zc @ xc.T
             norms += (xc * xc).sum(1)
         # |z_i - a x_j|^2 = |z_i|^2 - 2 z_i.a x_j + |a x_j|^2; the |z_i|^2 term cancels in the softmax
-        weights = torch.softmax((2.0 * cross - norms) / (2.0 * sigma2), dim=1)
+        logits = cross.mul_(1.0 / sigma2).sub_(norms.mul_(0.5 / sigma2))
+        weights = torch.softmax(logits, dim=1)
         return weights.to(forecast.dtype) @ forecast
 
 

@@ -1,0 +1,94 @@
+"""da-cycle end to end: outputs, reproducibility, and bad input leaving nothing behind."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import netCDF4
+import numpy as np
+import pytest
+import yaml
+
+from da_plugin.cycle import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "cycles=30", "burn_in=5", "spinup_steps=200", "model.dim=40",
+    "filter.ensemble_size=8", "progress=false",
+]
+
+
+def run_cli(tmp_path, *overrides, name="out"):
+    out = tmp_path / name
+    code = main([str(ROOT / "configs/da/l96_ensf.yaml"), *SMALL, f"output_dir={out}", *overrides])
+    return code, out
+
+
+def test_outputs_and_metrics(tmp_path):
+    code, out = run_cli(tmp_path)
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["analysis.nc", "config.yaml", "rmse.png", "summary.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("rmse_a", "rmse_f", "spread_a", "rmse_free", "cycles", "seconds_per_cycle"):
+        assert key in summary
+    assert summary["cycles"] == 30
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["filter"]["name"] == "ensf" and resolved["model"]["dim"] == 40
+    with netCDF4.Dataset(out / "analysis.nc") as ds:
+        assert ds.Conventions == "CF-1.8"
+        truth, mean = ds["truth"][:], ds["analysis_mean"][:]
+        assert truth.shape == (30, 40) and ds["observation"].shape == (30, 40)
+        # the stored series is the RMSE of the stored fields, and the summary its mean after burn-in
+        rmse = np.sqrt(((mean - truth) ** 2).mean(1))
+        np.testing.assert_allclose(ds["rmse_a"][:], rmse, rtol=1e-4)
+        np.testing.assert_allclose(summary["rmse_a"], rmse[5:].mean(), rtol=1e-4)
+        np.testing.assert_allclose(ds["observation"][:], np.arctan(truth), atol=0.3)
+    assert summary["rmse_a"] < summary["rmse_free"]
+
+
+def test_same_seed_same_numbers(tmp_path):
+    runs = [run_cli(tmp_path, f"seed={seed}", name=f"r{i}")[1] for i, seed in enumerate((4, 4, 5))]
+    fields = []
+    for out in runs:
+        with netCDF4.Dataset(out / "analysis.nc") as ds:
+            fields.append(ds["analysis_mean"][:])
+    assert np.array_equal(fields[0], fields[1])
+    assert not np.array_equal(fields[0], fields[2])
+
+
+@pytest.mark.parametrize(
+    "override, code, message",
+    [
+        ("filter.ensmble_size=4", 2, "unknown config key 'filter.ensmble_size'; did you mean ensemble_size"),
+        ("obs.sigma=0", 2, "obs.sigma must be a finite number > 0, got 0.0"),
+        ("obs.sigma=-1", 2, "obs.sigma must be a finite number > 0"),
+        ("model.dim=3", 2, "model.dim must be >= 4"),
+        ("filter.name=enfs", 2, "did you mean ensf"),
+        ("model.dt=5.0", 1, "non-finite value"),  # the truth blows up: NaN/inf observations
+    ],
+)
+def test_bad_input_fails_cleanly(tmp_path, capsys, override, code, message):
+    assert run_cli(tmp_path, override)[0] == code
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_dir_and_earlier_outputs_kept(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code = main([str(ROOT / "configs/da/l96_ensf.yaml"), *SMALL, f"output_dir={blocker}/run"])
+    assert code == 1 and "is not writable" in capsys.readouterr().err
+    code, out = run_cli(tmp_path)
+    before = (out / "summary.json").read_bytes()
+    assert run_cli(tmp_path, "model.dt=5.0")[0] == 1
+    assert (out / "summary.json").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["analysis.nc", "config.yaml", "rmse.png", "summary.json"]
+
+
+def test_console_script_help_and_exit_code(tmp_path):
+    script = Path(sys.executable).parent / "da-cycle"
+    help_text = subprocess.run([script, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "key=value" in help_text
+    result = subprocess.run([script, str(ROOT / "configs/da/l96_ensf.yaml"), "sed=1"], capture_output=True, text=True)
+    assert result.returncode == 2 and "did you mean seed" in result.stderr
