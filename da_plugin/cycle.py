@@ -87,7 +87,7 @@ def run(config: CycleConfig) -> dict[str, Any]:
     truth = model.initial_state(make_generator(config.seed, "truth"), dtype=dtype, device=device)
     truth = model.step(truth, config.spinup_steps)
     dim = truth.numel()
-    obs = ObservationOperator.from_config(config.obs, dim, make_generator(config.seed, "obs-layout"))
+    obs = ObservationOperator.from_config(config.obs, tuple(truth.shape), make_generator(config.seed, "obs-layout"))
     obs_noise = make_generator(config.seed, "obs-noise", device)
     filter_noise = make_generator(config.seed, "filter", device)
     init_noise = torch.randn((members, *truth.shape), generator=make_generator(config.seed, "init"),

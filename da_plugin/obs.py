@@ -1,8 +1,10 @@
 """Observation operators y = h(x[idx]) + N(0, sigma^2) and their likelihood scores.
 
 An operator observes a fixed set of state variables (all, every ``stride``-th, or a fixed
-random subset) through ``identity`` or ``arctan``. States are ``[..., d]`` tensors; an
-observation vector is ``[m]`` with ``m = len(indices)``.
+random subset) through ``identity`` or ``arctan``. States are ``[..., d]`` tensors (the model
+state flattened); an observation vector is ``[m]`` with ``m = len(indices)``. The operator
+also knows the state's grid shape (``(d,)`` for Lorenz-96, ``(levels, ny, nx)`` for SQG), so
+filters can locate observations on the grid for localization.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class ObsConfig:
 class ObservationOperator:
     """h(x) = op(x[..., indices]) with Gaussian error of standard deviation ``sigma``."""
 
-    def __init__(self, operator: Operator, sigma: float, indices: torch.Tensor, dim: int):
+    def __init__(self, operator: Operator, sigma: float, indices: torch.Tensor, dim: int,
+                 grid_shape: tuple[int, ...] | None = None):
         if operator not in ("identity", "arctan"):
             raise ValueError(f"unknown observation operator {operator!r}; valid: identity, arctan")
         if not (sigma > 0 and math.isfinite(sigma)):
@@ -59,17 +62,22 @@ class ObservationOperator:
         self.sigma = float(sigma)
         self.indices = indices
         self.dim = dim
+        self.grid_shape = tuple(grid_shape) if grid_shape is not None else (dim,)
+        if math.prod(self.grid_shape) != dim:
+            raise ValueError(f"grid shape {self.grid_shape} does not hold {dim} state variables")
         self._all = indices.numel() == dim and bool((indices == torch.arange(dim)).all())
 
     @classmethod
-    def from_config(cls, config: ObsConfig, dim: int, generator: torch.Generator) -> "ObservationOperator":
-        """Operator for a ``dim``-variable state; random subsets are drawn once from ``generator``."""
+    def from_config(cls, config: ObsConfig, grid_shape: tuple[int, ...],
+                    generator: torch.Generator) -> "ObservationOperator":
+        """Operator for a state of ``grid_shape``; random subsets are drawn once from ``generator``."""
+        dim = math.prod(grid_shape)
         if config.random_fraction is not None:
             count = max(1, round(config.random_fraction * dim))
             indices = torch.randperm(dim, generator=generator)[:count].sort().values
         else:
             indices = torch.arange(0, dim, config.stride)
-        return cls(config.operator, config.sigma, indices, dim)
+        return cls(config.operator, config.sigma, indices, dim, grid_shape)
 
     @property
     def size(self) -> int:

@@ -30,10 +30,10 @@ def test_likelihood_score_matches_finite_differences(operator, indices):
 
 def test_subsets_from_config():
     gen = torch.Generator().manual_seed(0)
-    strided = ObservationOperator.from_config(ObsConfig(stride=3), 10, gen)
+    strided = ObservationOperator.from_config(ObsConfig(stride=3), (10,), gen)
     assert strided.indices.tolist() == [0, 3, 6, 9]
-    random_a = ObservationOperator.from_config(ObsConfig(random_fraction=0.3), 20, torch.Generator().manual_seed(4))
-    random_b = ObservationOperator.from_config(ObsConfig(random_fraction=0.3), 20, torch.Generator().manual_seed(4))
+    random_a = ObservationOperator.from_config(ObsConfig(random_fraction=0.3), (20,), torch.Generator().manual_seed(4))
+    random_b = ObservationOperator.from_config(ObsConfig(random_fraction=0.3), (20,), torch.Generator().manual_seed(4))
     assert random_a.size == 6 and random_a.indices.tolist() == random_b.indices.tolist()
     assert random_a.indices.unique().numel() == 6
 

@@ -1,0 +1,164 @@
+"""LETKF, ETKF and stochastic EnKF against independent references: the Kalman filter, a
+per-grid-point NumPy LETKF written from Hunt et al. (2007), and hand-computed inflation."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from da_plugin.filters import ETKF, LETKF, EnKF
+from da_plugin.filters.letkf import gaspari_cohn
+from da_plugin.obs import ObservationOperator
+
+
+def gc_reference(distance: float, c: float) -> float:
+    """Gaspari & Cohn (1999) eq. 4.10, as printed, with numpy.polyval."""
+    z = abs(distance) / c
+    if z <= 1:
+        return np.polyval([-1 / 4, 1 / 2, 5 / 8, -5 / 3, 0, 1], z)
+    if z < 2:
+        return np.polyval([1 / 12, -1 / 2, 5 / 8, 5 / 3, -5, 4], z) - 2 / (3 * z)
+    return 0.0
+
+
+def letkf_point_loop(forecast, y, obs_index, sigma, grid_shape, radius, rho):
+    """LETKF one grid point at a time (Hunt et al. 2007, steps 1-8), identity observations."""
+    xb = forecast.numpy().astype(np.float64)  # [N, d]
+    members, dim = xb.shape
+    xbar = xb.mean(0)
+    X = (xb - xbar).T  # [d, N]
+    Yb = xb[:, obs_index]
+    ybar = Yb.mean(0)
+    Y = (Yb - ybar).T  # [m, N]
+    c = math.sqrt(10 / 3) * radius
+    coords = np.stack(np.unravel_index(np.arange(dim), grid_shape), 1)
+    horizontal = coords if len(grid_shape) == 1 else coords[:, -2:]
+    periods = np.array(grid_shape[-horizontal.shape[1]:])
+    out = np.empty_like(xb)
+    for point in range(dim):
+        delta = np.abs(horizontal[obs_index] - horizontal[point])
+        delta = np.minimum(delta, periods - delta)
+        dist = np.sqrt((delta**2).sum(1))
+        local = np.flatnonzero(dist < 2 * c)
+        rinv = np.diag([gc_reference(dist[k], c) / sigma**2 for k in local])
+        Yl = Y[local]
+        C = Yl.T @ rinv
+        Pa = np.linalg.inv((members - 1) / rho * np.eye(members) + C @ Yl)
+        lam, Q = np.linalg.eigh((members - 1) * Pa)
+        Wa = Q @ np.diag(np.sqrt(lam)) @ Q.T
+        wa = Pa @ C @ (y.numpy()[local] - ybar[local])
+        out[:, point] = xbar[point] + X[point] @ (Wa + wa[:, None])
+    return torch.from_numpy(out)
+
+
+def ensemble(members, dim, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return 2.0 + torch.randn(members, dim, dtype=torch.float64, generator=gen) * torch.linspace(0.5, 2, dim, dtype=torch.float64)
+
+
+def test_gaspari_cohn_against_formula_and_radius_convention():
+    c = 3.0
+    distances = torch.linspace(0, 7, 141, dtype=torch.float64)
+    ours = gaspari_cohn(distances / c)
+    expected = torch.tensor([gc_reference(float(x), c) for x in distances], dtype=torch.float64)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    assert ours[0] == 1 and ours[distances >= 2 * c].abs().max() == 0
+    # c = sqrt(10/3) r: the taper's curvature at 0 equals that of exp(-x^2 / (2 r^2))
+    r, h = 2.0, 1e-5
+    taper = lambda x: gaspari_cohn(torch.tensor(x / (math.sqrt(10 / 3) * r), dtype=torch.float64)).item()  # noqa: E731
+    curvature = (taper(h) - 2 * taper(0.0) + taper(-h)) / h**2
+    assert curvature == pytest.approx(-1 / r**2, rel=1e-4)
+
+
+@pytest.mark.parametrize("operator", ["identity", "arctan"])
+def test_letkf_without_localization_equals_etkf(operator):
+    forecast = ensemble(6, 12)
+    obs = ObservationOperator(operator, 0.5, torch.arange(0, 12, 2), 12)
+    y = obs(forecast[0] + 0.3)
+    local = LETKF(ensemble_size=6).analysis(forecast, y, obs)
+    torch.testing.assert_close(local, ETKF(ensemble_size=6).analysis(forecast, y, obs), rtol=1e-10, atol=1e-10)
+    # a radius much larger than the domain tapers every weight by ~1 only: close, not equal
+    wide = LETKF(ensemble_size=6, localization_radius=1e4).analysis(forecast, y, obs)
+    torch.testing.assert_close(wide, local, rtol=1e-6, atol=1e-6)
+
+
+def test_etkf_is_the_kalman_update_of_the_ensemble_statistics():
+    forecast = ensemble(30, 8, seed=1)
+    indices = torch.tensor([0, 3, 4, 7])
+    sigma = 0.7
+    obs = ObservationOperator("identity", sigma, indices, 8)
+    y = torch.tensor([1.0, 3.0, 2.5, 0.0], dtype=torch.float64)
+    analysis = ETKF(ensemble_size=30).analysis(forecast, y, obs)
+    mean, P = forecast.mean(0), torch.cov(forecast.T)
+    H = torch.eye(8, dtype=torch.float64)[indices]
+    gain = P @ H.T @ torch.linalg.inv(H @ P @ H.T + sigma**2 * torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(analysis.mean(0), mean + gain @ (y - H @ mean), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.cov(analysis.T), (torch.eye(8, dtype=torch.float64) - gain @ H) @ P,
+                               rtol=1e-9, atol=1e-10)
+
+
+def test_etkf_and_enkf_match_the_kalman_filter_for_a_large_ensemble():
+    gen = torch.Generator().manual_seed(2)
+    mu = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+    A = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    P = A @ A.T + 0.3 * torch.eye(3, dtype=torch.float64)
+    forecast = mu + torch.randn(2000, 3, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(P).T
+    obs = ObservationOperator("identity", 0.5, torch.tensor([0, 2]), 3)
+    H = torch.eye(3, dtype=torch.float64)[[0, 2]]
+    y = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    gain = P @ H.T @ torch.linalg.inv(H @ P @ H.T + 0.25 * torch.eye(2, dtype=torch.float64))
+    mean, cov = mu + gain @ (y - H @ mu), (torch.eye(3, dtype=torch.float64) - gain @ H) @ P
+    for f in (ETKF(ensemble_size=2000), EnKF(ensemble_size=2000)):
+        analysis = f.analysis(forecast, y, obs, gen)
+        torch.testing.assert_close(analysis.mean(0), mean, rtol=0, atol=0.1)
+        torch.testing.assert_close(torch.cov(analysis.T), cov, rtol=0, atol=0.1)
+
+
+@pytest.mark.parametrize(
+    "grid_shape, obs_index, radius",
+    [((30,), torch.arange(0, 30, 3), 2.5), ((2, 6, 8), torch.tensor([0, 5, 9, 17, 30, 44, 50, 61, 70, 83, 95]), 1.2)],
+)
+def test_batched_letkf_equals_point_loop(grid_shape, obs_index, radius):
+    dim = math.prod(grid_shape)
+    forecast = ensemble(7, dim, seed=3)
+    obs = ObservationOperator("identity", 0.8, obs_index, dim, grid_shape)
+    y = obs(forecast.mean(0)) + 0.5
+    f = LETKF(ensemble_size=7, localization_radius=radius, inflation=1.1, batch_size=13)
+    expected = letkf_point_loop(forecast, y, obs_index.numpy(), 0.8, grid_shape, radius, 1.1)
+    torch.testing.assert_close(f.analysis(forecast, y, obs), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_inflation_variants_hand_computed():
+    forecast = torch.tensor([[1.0, 2.0], [3.0, 6.0]], dtype=torch.float64)  # mean [2, 4], std [1.41, 2.83]
+    analysis = torch.tensor([[2.0, 3.0], [2.5, 4.0]], dtype=torch.float64)  # mean [2.25, 3.5]
+    torch.testing.assert_close(ETKF(ensemble_size=2, inflation=4.0).inflate_prior(forecast),
+                               torch.tensor([[0.0, 0.0], [4.0, 8.0]], dtype=torch.float64))
+    rtpp = ETKF(ensemble_size=2, rtpp=0.5).relax(forecast, analysis)
+    # perturbations: analysis [[-.25, -.5], [.25, .5]], forecast [[-1, -2], [1, 2]] -> average
+    torch.testing.assert_close(rtpp, torch.tensor([[1.625, 2.25], [2.875, 4.75]], dtype=torch.float64))
+    rtps = ETKF(ensemble_size=2, rtps=0.5).relax(forecast, analysis)
+    # spread: analysis sqrt(2)/4 and sqrt(2)/2, forecast sqrt(2) and 2 sqrt(2): factor 1 + .5 (sb - sa) / sa
+    factors = torch.tensor([1 + 0.5 * 3, 1 + 0.5 * 3], dtype=torch.float64)
+    expected = analysis.mean(0) + (analysis - analysis.mean(0)) * factors
+    torch.testing.assert_close(rtps, expected)
+    torch.testing.assert_close(rtps.std(0), 0.5 * analysis.std(0) + 0.5 * forecast.std(0))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="localization_radius must be > 0 grid units, got 0"):
+        LETKF(localization_radius=0)
+    with pytest.raises(ValueError, match="localization_radius must be > 0"):
+        LETKF(localization_radius=-2.0)
+    for cls in (LETKF, ETKF, EnKF):
+        with pytest.raises(ValueError, match="ensemble_size must be >= 2"):
+            cls(ensemble_size=1)
+    with pytest.raises(ValueError, match="inflation must be a finite number >= 1"):
+        ETKF(inflation=0.9)
+    with pytest.raises(ValueError, match="at most one"):
+        LETKF(rtps=0.5, rtpp=0.5)
+    with pytest.raises(ValueError, match=r"observed indices must lie in \[0, 40\), found \[3, 45\]"):
+        ObservationOperator("identity", 1.0, torch.tensor([3, 45]), 40)
+    obs = ObservationOperator("identity", 1.0, torch.arange(40), 40)
+    with pytest.raises(ValueError, match="forecast has 30 variables, the observation grid 40"):
+        LETKF(ensemble_size=4, localization_radius=2).analysis(torch.zeros(4, 30), torch.zeros(40), obs)
