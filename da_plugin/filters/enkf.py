@@ -14,20 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from da_plugin.filters.inflation import InflationMixin
+from da_plugin.filters.ensemble import EnsembleKalmanMixin
 from da_plugin.obs import ObservationOperator
 
 
 @dataclass
-class EnKF(InflationMixin):
+class EnKF(EnsembleKalmanMixin):
     """Global stochastic EnKF with perturbed observations."""
-
-    ensemble_size: int = 20
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.ensemble_size < 2:
-            raise ValueError(f"filter.ensemble_size must be >= 2, got {self.ensemble_size}")
 
     def analysis(self, forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator,
                  generator: torch.Generator) -> torch.Tensor:

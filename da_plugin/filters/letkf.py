@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from da_plugin.filters.inflation import InflationMixin
+from da_plugin.filters.ensemble import EnsembleKalmanMixin
 from da_plugin.obs import ObservationOperator
 
 GC_HALF_WIDTH_PER_RADIUS = math.sqrt(10.0 / 3.0)
@@ -67,15 +67,8 @@ def apply_transform(forecast: torch.Tensor, mean_weights: torch.Tensor, transfor
 
 
 @dataclass
-class ETKF(InflationMixin):
+class ETKF(EnsembleKalmanMixin):
     """Global ensemble transform Kalman filter (Bishop et al. 2001; symmetric square root)."""
-
-    ensemble_size: int = 20
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.ensemble_size < 2:
-            raise ValueError(f"filter.ensemble_size must be >= 2, got {self.ensemble_size}")
 
     def analysis(self, forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -93,18 +86,15 @@ class ETKF(InflationMixin):
 
 
 @dataclass
-class LETKF(InflationMixin):
+class LETKF(EnsembleKalmanMixin):
     """Local ETKF: one ensemble transform per grid point, all points in one batched solve."""
 
-    ensemble_size: int = 20
     localization_radius: Optional[float] = None  # grid units, R^-1 taper = exp(-1/2) there; None: global
     batch_size: int = 8192  # grid points per batched eigendecomposition (bounds memory)
     _neighbours: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.ensemble_size < 2:
-            raise ValueError(f"filter.ensemble_size must be >= 2, got {self.ensemble_size}")
         if self.localization_radius is not None and not self.localization_radius > 0:
             raise ValueError(f"filter.localization_radius must be > 0 grid units, got {self.localization_radius}")
         if self.batch_size < 1:

@@ -1,4 +1,4 @@
-"""Covariance inflation shared by the Kalman-type ensemble filters.
+"""Settings shared by the Kalman-type ensemble filters: ensemble size and covariance inflation.
 
 * ``inflation`` (rho): prior multiplicative covariance inflation, P^b <- rho P^b, applied
   as perturbations x sqrt(rho) before the observation operator (Anderson & Anderson 1999).
@@ -19,14 +19,17 @@ import torch
 
 
 @dataclass(kw_only=True)
-class InflationMixin:
-    """Keyword-only inflation settings and their application to ``[N, d]`` ensembles."""
+class EnsembleKalmanMixin:
+    """Keyword-only ensemble size and inflation settings, applied to ``[N, d]`` ensembles."""
 
+    ensemble_size: int = 20
     inflation: float = 1.0  # rho >= 1; 1 disables
     rtps: float = 0.0  # in [0, 1]; 0 disables
     rtpp: float = 0.0  # in [0, 1]; 0 disables
 
     def __post_init__(self) -> None:
+        if self.ensemble_size < 2:
+            raise ValueError(f"filter.ensemble_size must be >= 2, got {self.ensemble_size}")
         if not (self.inflation >= 1.0 and math.isfinite(self.inflation)):
             raise ValueError(f"filter.inflation must be a finite number >= 1, got {self.inflation}")
         for name in ("rtps", "rtpp"):
