@@ -25,6 +25,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ensf_bench.py
+	$(BIN)/python bench/letkf_bench.py
+	$(BIN)/python bench/da_compare.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

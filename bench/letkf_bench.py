@@ -90,7 +90,7 @@ def bench_row(args: argparse.Namespace, d: int, device: torch.device, dtype: tor
     loop = statistics.median(loop_ms) * d / points
     mark = "" if points == d else f"*  (loop scaled from {points:,} points)"
     return (f"{device.type:>6} {d:>7,} {obs.size:>7,} {args.members:>3} {width:>3} {search_ms:>10.1f} "
-            f"{batched:>11.2f} {1e3 / batched:>10.1f} {loop:>11.1f} {1e3 / loop:>9.2f} {loop / batched:>8.1f}x{mark}")
+            f"{batched:>11.2f} {1e3 / batched:>10.3g} {loop:>11.1f} {1e3 / loop:>9.3g} {loop / batched:>8.1f}x{mark}")
 
 
 def main() -> None:

@@ -92,3 +92,22 @@ def test_console_script_help_and_exit_code(tmp_path):
     assert "key=value" in help_text
     result = subprocess.run([script, str(ROOT / "configs/da/l96_ensf.yaml"), "sed=1"], capture_output=True, text=True)
     assert result.returncode == 2 and "did you mean seed" in result.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/da").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    from da_plugin.cycle import CycleConfig
+    from megavit.config import load_config
+
+    config = load_config(CycleConfig, path)
+    assert config.burn_in < config.cycles
+
+
+@pytest.mark.parametrize("name", ["letkf", "etkf"])
+def test_kalman_filters_cycle_on_the_40_variable_benchmark(tmp_path, name):
+    out = tmp_path / name
+    code = main([str(ROOT / f"configs/da/l96_{name}.yaml"), "cycles=200", "burn_in=50", "progress=false",
+                 "save_fields=false", f"output_dir={out}"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rmse_a"] < 0.3 and summary["rmse_free"] > 2.0
