@@ -136,37 +136,46 @@ class LETKF(EnsembleKalmanMixin):
             everything = torch.arange(obs.size, device=device).expand(obs.dim, -1)
             return everything, torch.ones(everything.shape, dtype=dtype, device=device)
         half_width = GC_HALF_WIDTH_PER_RADIUS * self.localization_radius
-        grid = horizontal_coordinates(torch.arange(obs.dim), obs.grid_shape)
-        sites = horizontal_coordinates(obs.indices, obs.grid_shape)
-        periods = torch.tensor(obs.grid_shape[-grid.shape[1]:], dtype=torch.float64)
-        cutoff = 2 * half_width
-
-        def distances():  # recomputed per pass: the full [d, m] matrix may not fit in memory
-            for start in range(0, obs.dim, self.batch_size):
-                yield periodic_distance(grid[start:start + self.batch_size], sites, periods)
-
-        # pad every point's list to the largest local count; padded entries get zero taper
-        count = max(int((distance < cutoff).sum(1).max()) for distance in distances())
+        horizontal = obs.grid_shape if len(obs.grid_shape) == 1 else obs.grid_shape[-2:]
+        locations = math.prod(horizontal)
+        # obs_at[location, k]: the k-th observation at a horizontal location (-1: none)
+        site = obs.indices % locations
+        order = torch.argsort(site, stable=True)
+        rank = torch.arange(obs.size) - torch.searchsorted(site[order], site[order])
+        obs_at = torch.full((locations, int(rank.max()) + 1), -1, dtype=torch.long)
+        obs_at[site[order], rank] = order
+        offsets = stencil(horizontal, 2 * half_width)  # [S, k] grid offsets inside the cutoff
+        taper_of_offset = gaspari_cohn(offsets.double().square().sum(1).sqrt() / half_width)
+        shape = torch.tensor(horizontal)
+        per_location = []
+        for start in range(0, locations, self.batch_size):
+            here = torch.arange(start, min(start + self.batch_size, locations))
+            coords = torch.stack(torch.unravel_index(here, horizontal), dim=1)  # [B, k]
+            around = (coords.unsqueeze(1) + offsets) % shape  # [B, S, k]
+            flat = torch.zeros(around.shape[:2], dtype=torch.long)
+            for axis, size in enumerate(horizontal):
+                flat = flat * size + around[..., axis]
+            candidates = obs_at[flat].flatten(1)  # [B, S * per-location]
+            weights = taper_of_offset.repeat_interleave(obs_at.shape[1]).expand_as(candidates)
+            per_location.append((candidates, torch.where(candidates >= 0, weights, 0.0)))
+        # pad every location's list to the largest local count; padded entries get zero taper
+        count = max(int((taper > 0).sum(1).max()) for _, taper in per_location)
         if count == 0:
             raise ValueError(f"localization_radius {self.localization_radius} leaves every grid point "
                              "without observations")
-        neighbours, taper = [], []
-        for distance in distances():
-            nearest, index = distance.topk(count, dim=1, largest=False)
-            neighbours.append(index)
-            taper.append(gaspari_cohn(nearest / half_width))
-        return torch.cat(neighbours).to(device), torch.cat(taper).to(device=device, dtype=dtype)
+        neighbours, tapers = [], []
+        for candidates, taper in per_location:
+            taper, pick = taper.topk(count, dim=1)
+            neighbours.append(candidates.gather(1, pick).clamp_min(0))
+            tapers.append(taper)
+        point_location = torch.arange(obs.dim) % locations
+        neighbours = torch.cat(neighbours)[point_location]
+        return neighbours.to(device), torch.cat(tapers)[point_location].to(device=device, dtype=dtype)
 
 
-def horizontal_coordinates(flat_index: torch.Tensor, grid_shape: tuple[int, ...]) -> torch.Tensor:
-    """Grid coordinates ``[n, k]`` used for distances: the only axis of a 1-D state, else the
-    last two axes (levels share a horizontal location)."""
-    coords = torch.stack(torch.unravel_index(flat_index, grid_shape), dim=1).to(torch.float64)
-    return coords if len(grid_shape) == 1 else coords[:, -2:]
-
-
-def periodic_distance(a: torch.Tensor, b: torch.Tensor, periods: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance ``[n, m]`` between points ``a`` ``[n, k]`` and ``b`` ``[m, k]`` on a torus."""
-    delta = (a.unsqueeze(1) - b.unsqueeze(0)).abs()
-    delta = torch.minimum(delta, periods - delta)
-    return delta.square().sum(-1).sqrt()
+def stencil(horizontal: tuple[int, ...], cutoff: float) -> torch.Tensor:
+    """Integer offsets ``[S, k]`` shorter than ``cutoff`` on a periodic grid, each location once."""
+    axes = [torch.arange(-(n // 2), (n + 1) // 2) for n in horizontal]
+    axes = [a[a.abs() < cutoff] for a in axes]
+    offsets = torch.cartesian_prod(*axes).reshape(-1, len(horizontal))
+    return offsets[offsets.double().square().sum(1) < cutoff**2]
