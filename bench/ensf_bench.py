@@ -13,13 +13,12 @@ import argparse
 import math
 import resource
 import statistics
-import time
-from typing import Callable
 
 import torch
 
 from da_plugin.filters.ensf import EnSF
 from da_plugin.obs import ObservationOperator
+from timing import timed  # bench/timing.py (scripts run from bench/)
 
 SIGMA_OBS = 0.05
 CPU_DIMS = [10_000, 100_000, 1_000_000]
@@ -47,24 +46,6 @@ def naive_analysis(forecast: torch.Tensor, y: torch.Tensor, sigma_obs: float, st
             z = z - dt * (f * z - g2 * score) + math.sqrt(dt) * math.sqrt(g2) * noise
         out[i] = z
     return out
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: bool = True) -> list[float]:
-    """Wall-clock milliseconds of ``repeats`` calls of ``fn`` (after one warm-up call)."""
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(1e3 * (time.perf_counter() - start))
-    return times
 
 
 def problem(d: int, n: int, device: torch.device, dtype: torch.dtype,

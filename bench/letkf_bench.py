@@ -14,31 +14,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from typing import Callable
 
 import torch
 
 from da_plugin.filters.letkf import LETKF, apply_transform, ensemble_transform
 from da_plugin.obs import ObservationOperator
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: bool = True) -> list[float]:
-    """Wall-clock milliseconds of ``repeats`` calls of ``fn`` (after one warm-up call)."""
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(1e3 * (time.perf_counter() - start))
-    return times
+from timing import timed  # bench/timing.py (scripts run from bench/)
 
 
 def problem(d: int, n: int, device: torch.device, dtype: torch.dtype,
