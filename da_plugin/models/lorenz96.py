@@ -7,6 +7,7 @@ any d >= 4, on CPU or GPU, in the tensor's own dtype; integrated with classical 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -16,12 +17,12 @@ def tendency(x: torch.Tensor, forcing: float) -> torch.Tensor:
     return (x.roll(-1, -1) - x.roll(2, -1)) * x.roll(1, -1) - x + forcing
 
 
-def rk4_step(x: torch.Tensor, forcing: float, dt: float) -> torch.Tensor:
-    """One classical Runge-Kutta-4 step of length ``dt``."""
-    k1 = tendency(x, forcing)
-    k2 = tendency(x + 0.5 * dt * k1, forcing)
-    k3 = tendency(x + 0.5 * dt * k2, forcing)
-    k4 = tendency(x + dt * k3, forcing)
+def rk4(rhs: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dt: float) -> torch.Tensor:
+    """One classical Runge-Kutta-4 step of length ``dt`` for dx/dt = rhs(x)."""
+    k1 = rhs(x)
+    k2 = rhs(x + 0.5 * dt * k1)
+    k3 = rhs(x + 0.5 * dt * k2)
+    k4 = rhs(x + dt * k3)
     return x + (dt / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
 
 
@@ -48,7 +49,7 @@ class Lorenz96:
         if x.shape[-1] != self.dim:
             raise ValueError(f"Lorenz-96 state has {x.shape[-1]} variables, model.dim is {self.dim}")
         for _ in range(steps):
-            x = rk4_step(x, self.forcing, self.dt)
+            x = rk4(lambda state: tendency(state, self.forcing), x, self.dt)
         return x
 
     def initial_state(self, generator: torch.Generator, dtype: torch.dtype = torch.float32,
