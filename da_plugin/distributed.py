@@ -4,6 +4,8 @@ The state's d variables are split into contiguous slabs, one per rank of a
 ``torch.distributed`` group (NCCL on GPU, gloo on CPU); ranks hold any number of ensemble
 members for their slab. The L96 tendency at k needs x_{k-2}, x_{k-1} and x_{k+1}, so every
 RK4 stage first exchanges a halo of 2 variables from the left neighbour and 1 from the right.
+The EnSF analysis is local to each slab except for the mixture score's N x N distance
+products, which are all-reduced.
 
 Random numbers come from a counter-based generator keyed by (seed, stream, row, global
 variable index), so a slab draws exactly the numbers the single-process run draws for those
@@ -17,7 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from da_plugin.filters.ensf import EnSF
 from da_plugin.models.lorenz96 import rk4
+from da_plugin.obs import ObservationOperator
 
 HALO_LEFT, HALO_RIGHT = 2, 1  # neighbours the Lorenz-96 tendency reads on each side
 
@@ -117,3 +121,26 @@ def counter_normal(seed: int, stream: int, rows: int, start: int, stop: int, dim
     uniform = (_logical_shift(bits, 11).to(torch.float64) + 0.5) * 2.0**-53  # in (0, 1)
     radius = torch.sqrt(-2.0 * torch.log(uniform[0]))
     return (radius * torch.cos(2.0 * torch.pi * uniform[1])).to(dtype)
+
+
+def ensf_analysis(ensf: EnSF, forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator, slab: Slab,
+                  seed: int, cycle: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """EnSF analysis of this rank's slab ``[N, slab.size]`` of the forecast.
+
+    ``y`` and ``obs`` are the full observation vector and operator (every rank holds them:
+    they are m numbers); ``cycle`` picks the noise streams, so any rank count gives the
+    numbers of a single-process run with the same seed.
+    """
+    local_obs, positions = obs.restrict(slab.start, slab.stop)
+    members = forecast.shape[0]
+
+    def noise(draw: int) -> torch.Tensor:
+        stream = cycle * (ensf.steps + 1) + draw
+        return counter_normal(seed, stream, members, slab.start, slab.stop, slab.dim, forecast.dtype, forecast.device)
+
+    def sum_over_ranks(partial: torch.Tensor) -> torch.Tensor:
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(partial, group=group)
+        return partial
+
+    return ensf.reverse_sde(forecast, y[positions.to(y.device)], local_obs, noise, sum_over_ranks)

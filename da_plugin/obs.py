@@ -52,9 +52,7 @@ class ObservationOperator:
         if not (sigma > 0 and math.isfinite(sigma)):
             raise ValueError(f"observation sigma must be a finite number > 0, got {sigma}")
         indices = torch.as_tensor(indices, dtype=torch.long)
-        if indices.numel() == 0:
-            raise ValueError("observation operator observes no variable")
-        if int(indices.min()) < 0 or int(indices.max()) >= dim:
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= dim):
             raise ValueError(
                 f"observed indices must lie in [0, {dim}), found [{int(indices.min())}, {int(indices.max())}]"
             )
@@ -78,6 +76,12 @@ class ObservationOperator:
         else:
             indices = torch.arange(0, dim, config.stride)
         return cls(config.operator, config.sigma, indices, dim, grid_shape)
+
+    def restrict(self, start: int, stop: int) -> tuple["ObservationOperator", torch.Tensor]:
+        """The operator seen by the slab [start, stop) of a 1-D state, and the positions of its
+        observations in the full observation vector (a slab may observe nothing)."""
+        positions = ((self.indices >= start) & (self.indices < stop)).nonzero().squeeze(1)
+        return ObservationOperator(self.operator, self.sigma, self.indices[positions] - start, stop - start), positions
 
     @property
     def size(self) -> int:

@@ -8,8 +8,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from da_plugin.distributed import Slab, counter_normal, exchange_halo, rk4_step
+from da_plugin.distributed import Slab, counter_normal, ensf_analysis, exchange_halo, rk4_step
+from da_plugin.filters import EnSF
 from da_plugin.models import Lorenz96
+from da_plugin.obs import ObservationOperator
 
 DIM, STEPS, FORCING, DT = 23, 7, 8.0, 0.05  # 23 is divisible by none of 2, 3, 4
 
@@ -18,6 +20,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def observed():
+    """Every third variable observed through arctan; the same y on every rank."""
+    obs = ObservationOperator("arctan", 0.1, torch.arange(1, DIM, 3), DIM)
+    return torch.linspace(-1, 1, obs.size, dtype=torch.float64), obs
 
 
 def rank_main(rank: int, world: int, port: int, out: str) -> None:
@@ -29,7 +37,10 @@ def rank_main(rank: int, world: int, port: int, out: str) -> None:
         halo = exchange_halo(state)
         for _ in range(STEPS):
             state = rk4_step(state, FORCING, DT)
-        torch.save({"start": slab.start, "state": state, "halo": halo}, f"{out}/{rank}.pt")
+        analyses = {score: ensf_analysis(EnSF(ensemble_size=3, steps=10, prior_score=score), state, *observed(),
+                                         slab, seed=5, cycle=2)
+                    for score in ("one_to_one", "mixture")}
+        torch.save({"start": slab.start, "state": state, "halo": halo, **analyses}, f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -41,6 +52,10 @@ def test_decomposed_forecast_equals_single_process(tmp_path, world):
     initial = 8.0 + counter_normal(0, 0, 3, 0, DIM, DIM, torch.float64)
     full = torch.cat([p["state"] for p in parts], dim=-1)
     torch.testing.assert_close(full, Lorenz96(dim=DIM, forcing=FORCING, dt=DT).step(initial, STEPS), rtol=1e-12, atol=1e-12)
+    whole = Slab(DIM, 0, 1)
+    for score in ("one_to_one", "mixture"):
+        single = ensf_analysis(EnSF(ensemble_size=3, steps=10, prior_score=score), full, *observed(), whole, 5, 2)
+        torch.testing.assert_close(torch.cat([p[score] for p in parts], dim=-1), single, rtol=1e-10, atol=1e-10)
     for part in parts:  # halos hold the periodic neighbours of each slab's edges
         size = part["state"].shape[-1]
         index = torch.arange(part["start"] - 2, part["start"] + size + 1) % DIM

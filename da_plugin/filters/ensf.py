@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -65,26 +65,41 @@ class EnSF:
     def analysis(self, forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator,
                  generator: torch.Generator) -> torch.Tensor:
         """Analysis ensemble ``[N, d]`` from forecast ``[N, d]`` and observations ``y`` ``[m]``."""
+        return self.reverse_sde(forecast, y, obs, noise=lambda step: _randn_like(forecast, generator))
+
+    def reverse_sde(self, forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator,
+                    noise: Callable[[int], torch.Tensor],
+                    sum_over_state: Callable[[torch.Tensor], torch.Tensor] = lambda partial: partial) -> torch.Tensor:
+        """The analysis with its randomness and its state-wide sums supplied by the caller.
+
+        ``noise(k)`` gives the standard normals ``[N, d]`` of draw k (0: the start at t = 1,
+        k >= 1: step k). ``sum_over_state`` completes a sum over state variables (the
+        mixture's N x N products); a domain-decomposed caller all-reduces it over ranks.
+        """
         if forecast.ndim != 2:
             raise ValueError(f"EnSF expects a forecast ensemble [N, d], found shape {tuple(forecast.shape)}")
         obs.check(y)
         y = y.to(forecast)
-        z = _randn_like(forecast, generator)
+        z = noise(0)
         dt = 1.0 / self.steps
         for k in range(self.steps):
             t = 1.0 - k * dt
             alpha, sigma2 = self.alpha(t), self.sigma2(t)
             drift = -(1.0 - self.eps_alpha) / alpha  # f(t) = d log alpha / dt
             g2 = (1.0 - self.eps_beta) - 2.0 * drift * sigma2
-            center = forecast if self.prior_score == "one_to_one" else self._mixture_mean(z, forecast, alpha, sigma2)
+            if self.prior_score == "one_to_one":
+                center = forecast
+            else:
+                center = self._mixture_mean(z, forecast, alpha, sigma2, sum_over_state)
             # z - dt [f z - g^2 (-(z - alpha c) / sigma^2 + h L)] + sqrt(dt) g xi, as one linear combination
             step = obs.likelihood_score(z, y).mul_(dt * g2 * self.h(t))
             step.add_(center, alpha=dt * g2 * alpha / sigma2)
-            step.add_(_randn_like(z, generator), alpha=math.sqrt(dt * g2))
+            step.add_(noise(k + 1), alpha=math.sqrt(dt * g2))
             z = step.add_(z, alpha=1.0 - dt * drift - dt * g2 / sigma2)
         return z
 
-    def _mixture_mean(self, z: torch.Tensor, forecast: torch.Tensor, alpha: float, sigma2: float) -> torch.Tensor:
+    def _mixture_mean(self, z: torch.Tensor, forecast: torch.Tensor, alpha: float, sigma2: float,
+                      sum_over_state: Callable[[torch.Tensor], torch.Tensor] = lambda partial: partial) -> torch.Tensor:
         """m(z) = softmax-weighted forecast members, ``[N, d]``, from chunked float64 products."""
         reference = forecast.mean(0)
         cross = torch.zeros(z.shape[0], forecast.shape[0], dtype=torch.float64, device=z.device)
@@ -96,6 +111,7 @@ class EnSF:
             xc = alpha * (forecast[:, start:stop] - reference[start:stop]).double()
             cross += zc @ xc.T
             norms += (xc * xc).sum(1)
+        cross, norms = sum_over_state(cross), sum_over_state(norms)
         # |z_i - a x_j|^2 = |z_i|^2 - 2 z_i.a x_j + |a x_j|^2; the |z_i|^2 term cancels in the softmax
         logits = cross.mul_(1.0 / sigma2).sub_(norms.mul_(0.5 / sigma2))
         weights = torch.softmax(logits, dim=1)
