@@ -40,6 +40,7 @@ class EnSF:
     damping: Literal["linear", "none"] = "linear"  # h(t) = 1 - t, or h = 1
     prior_score: Literal["one_to_one", "mixture"] = "one_to_one"
     chunk_size: int = 1 << 20  # state variables per chunk of the mixture's distance products
+    block_elements: int = 1 << 16  # CPU: ensemble entries per block of the elementwise update (cache-sized)
 
     def __post_init__(self) -> None:
         if self.ensemble_size < 2:
@@ -52,6 +53,8 @@ class EnSF:
             raise ValueError(f"filter.eps_beta must be in [0, 1), got {self.eps_beta}")
         if self.chunk_size < 1:
             raise ValueError(f"filter.chunk_size must be >= 1, got {self.chunk_size}")
+        if self.block_elements < 1:
+            raise ValueError(f"filter.block_elements must be >= 1, got {self.block_elements}")
 
     def alpha(self, t: float) -> float:
         return 1.0 - (1.0 - self.eps_alpha) * t
@@ -80,6 +83,7 @@ class EnSF:
             raise ValueError(f"EnSF expects a forecast ensemble [N, d], found shape {tuple(forecast.shape)}")
         obs.check(y)
         y = y.to(forecast)
+        blocks = self._column_blocks(forecast, y, obs)
         z = noise(0)
         dt = 1.0 / self.steps
         for k in range(self.steps):
@@ -91,12 +95,31 @@ class EnSF:
                 center = forecast
             else:
                 center = self._mixture_mean(z, forecast, alpha, sigma2, sum_over_state)
-            # z - dt [f z - g^2 (-(z - alpha c) / sigma^2 + h L)] + sqrt(dt) g xi, as one linear combination
-            step = obs.likelihood_score(z, y).mul_(dt * g2 * self.h(t))
-            step.add_(center, alpha=dt * g2 * alpha / sigma2)
-            step.add_(noise(k + 1), alpha=math.sqrt(dt * g2))
-            z = step.add_(z, alpha=1.0 - dt * drift - dt * g2 / sigma2)
+            xi = noise(k + 1)
+            # z - dt [f z - g^2 (-(z - alpha c) / sigma^2 + h L)] + sqrt(dt) g xi, as one linear combination,
+            # block by block so the temporaries stay in cache
+            for columns, block_obs, block_y in blocks:
+                block = z[:, columns]
+                step = block_obs.likelihood_score(block, block_y).mul_(dt * g2 * self.h(t))
+                step.add_(center[:, columns], alpha=dt * g2 * alpha / sigma2)
+                step.add_(xi[:, columns], alpha=math.sqrt(dt * g2))
+                block.mul_(1.0 - dt * drift - dt * g2 / sigma2).add_(step)
         return z
+
+    def _column_blocks(self, forecast: torch.Tensor, y: torch.Tensor,
+                       obs: ObservationOperator) -> list[tuple[slice, ObservationOperator, torch.Tensor]]:
+        """Column slices of about ``block_elements`` entries with their share of the observations
+        (one block on GPUs, where whole-array kernels are best)."""
+        members, dim = forecast.shape
+        width = dim if forecast.device.type != "cpu" else max(1, self.block_elements // members)
+        if width >= dim:
+            return [(slice(None), obs, y)]
+        blocks = []
+        for start in range(0, dim, width):
+            stop = min(start + width, dim)
+            block_obs, positions = obs.restrict(start, stop)
+            blocks.append((slice(start, stop), block_obs, y[positions.to(y.device)]))
+        return blocks
 
     def _mixture_mean(self, z: torch.Tensor, forecast: torch.Tensor, alpha: float, sigma2: float,
                       sum_over_state: Callable[[torch.Tensor], torch.Tensor] = lambda partial: partial) -> torch.Tensor:
