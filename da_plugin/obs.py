@@ -63,7 +63,8 @@ class ObservationOperator:
         self.grid_shape = tuple(grid_shape) if grid_shape is not None else (dim,)
         if math.prod(self.grid_shape) != dim:
             raise ValueError(f"grid shape {self.grid_shape} does not hold {dim} state variables")
-        self._all = indices.numel() == dim and bool((indices == torch.arange(dim)).all())
+        self._sorted = bool((indices[1:] > indices[:-1]).all())
+        self._all = self._sorted and indices.numel() == dim
 
     @classmethod
     def from_config(cls, config: ObsConfig, grid_shape: tuple[int, ...],
@@ -80,7 +81,11 @@ class ObservationOperator:
     def restrict(self, start: int, stop: int) -> tuple["ObservationOperator", torch.Tensor]:
         """The operator seen by the slab [start, stop) of a 1-D state, and the positions of its
         observations in the full observation vector (a slab may observe nothing)."""
-        positions = ((self.indices >= start) & (self.indices < stop)).nonzero().squeeze(1)
+        if self._sorted:
+            low, high = torch.searchsorted(self.indices, torch.tensor([start, stop])).tolist()
+            positions = torch.arange(low, high)
+        else:
+            positions = ((self.indices >= start) & (self.indices < stop)).nonzero().squeeze(1)
         return ObservationOperator(self.operator, self.sigma, self.indices[positions] - start, stop - start), positions
 
     @property
