@@ -127,11 +127,11 @@ def ensf_analysis(ensf: EnSF, forecast: torch.Tensor, y: torch.Tensor, obs: Obse
                   seed: int, cycle: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """EnSF analysis of this rank's slab ``[N, slab.size]`` of the forecast.
 
-    ``y`` and ``obs`` are the full observation vector and operator (every rank holds them:
-    they are m numbers); ``cycle`` picks the noise streams, so any rank count gives the
-    numbers of a single-process run with the same seed.
+    ``obs`` and ``y`` are this slab's share of the observations (``full_obs.restrict(slab.start,
+    slab.stop)`` and the matching entries of y), so no rank ever holds the global vectors.
+    ``cycle`` picks the noise streams: any rank count gives the numbers of a single-process
+    run with the same seed.
     """
-    local_obs, positions = obs.restrict(slab.start, slab.stop)
     members = forecast.shape[0]
 
     def noise(draw: int) -> torch.Tensor:
@@ -143,4 +143,4 @@ def ensf_analysis(ensf: EnSF, forecast: torch.Tensor, y: torch.Tensor, obs: Obse
             dist.all_reduce(partial, group=group)
         return partial
 
-    return ensf.reverse_sde(forecast, y[positions.to(y.device)], local_obs, noise, sum_over_ranks)
+    return ensf.reverse_sde(forecast, y, obs, noise, sum_over_ranks)

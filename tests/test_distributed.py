@@ -22,10 +22,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def observed():
-    """Every third variable observed through arctan; the same y on every rank."""
+def observed(slab: Slab) -> tuple[torch.Tensor, ObservationOperator]:
+    """The slab's share of y and of an arctan operator observing every third variable."""
     obs = ObservationOperator("arctan", 0.1, torch.arange(1, DIM, 3), DIM)
-    return torch.linspace(-1, 1, obs.size, dtype=torch.float64), obs
+    local_obs, positions = obs.restrict(slab.start, slab.stop)
+    return torch.linspace(-1, 1, obs.size, dtype=torch.float64)[positions], local_obs
 
 
 def rank_main(rank: int, world: int, port: int, out: str) -> None:
@@ -37,7 +38,7 @@ def rank_main(rank: int, world: int, port: int, out: str) -> None:
         halo = exchange_halo(state)
         for _ in range(STEPS):
             state = rk4_step(state, FORCING, DT)
-        analyses = {score: ensf_analysis(EnSF(ensemble_size=3, steps=10, prior_score=score), state, *observed(),
+        analyses = {score: ensf_analysis(EnSF(ensemble_size=3, steps=10, prior_score=score), state, *observed(slab),
                                          slab, seed=5, cycle=2)
                     for score in ("one_to_one", "mixture")}
         torch.save({"start": slab.start, "state": state, "halo": halo, **analyses}, f"{out}/{rank}.pt")
@@ -54,7 +55,7 @@ def test_decomposed_forecast_equals_single_process(tmp_path, world):
     torch.testing.assert_close(full, Lorenz96(dim=DIM, forcing=FORCING, dt=DT).step(initial, STEPS), rtol=1e-12, atol=1e-12)
     whole = Slab(DIM, 0, 1)
     for score in ("one_to_one", "mixture"):
-        single = ensf_analysis(EnSF(ensemble_size=3, steps=10, prior_score=score), full, *observed(), whole, 5, 2)
+        single = ensf_analysis(EnSF(ensemble_size=3, steps=10, prior_score=score), full, *observed(whole), whole, 5, 2)
         torch.testing.assert_close(torch.cat([p[score] for p in parts], dim=-1), single, rtol=1e-10, atol=1e-10)
     for part in parts:  # halos hold the periodic neighbours of each slab's edges
         size = part["state"].shape[-1]
