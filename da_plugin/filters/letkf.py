@@ -89,7 +89,7 @@ class ETKF(EnsembleKalmanMixin):
 class LETKF(EnsembleKalmanMixin):
     """Local ETKF: one ensemble transform per grid point, all points in one batched solve."""
 
-    localization_radius: Optional[float] = None  # grid units, R^-1 taper = exp(-1/2) there; None: global
+    localization_radius: Optional[float] = None  # grid units (Sakov & Bertino, see module docstring); None: global
     batch_size: int = 8192  # grid points per batched eigendecomposition (bounds memory)
     _neighbours: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
