@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.2"],  # triton: the fused EnSF kernel, interpreted on CPU in tests
     },
     entry_points={
         "console_scripts": [

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from da_plugin.counter_rng import counter_normal, stream_key
 from da_plugin.filters.ensf import EnSF
+from da_plugin.filters.ensf_fused import fused_reverse_sde
 from da_plugin.models.lorenz96 import rk4
 from da_plugin.obs import ObservationOperator
 
@@ -92,37 +94,6 @@ def rk4_step(x: torch.Tensor, forcing: float, dt: float, group: dist.ProcessGrou
     return rk4(lambda state: local_tendency(state, forcing, group), x, dt)
 
 
-_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
-_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
-_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
-
-
-def _logical_shift(z: torch.Tensor, bits: int) -> torch.Tensor:
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def _splitmix64(z: torch.Tensor) -> torch.Tensor:
-    """SplitMix64 finaliser (Steele et al. 2014) on int64 tensors, wrapping arithmetic."""
-    z = z + _GOLDEN
-    z = (z ^ _logical_shift(z, 30)) * _MIX1
-    z = (z ^ _logical_shift(z, 27)) * _MIX2
-    return z ^ _logical_shift(z, 31)
-
-
-def counter_normal(seed: int, stream: int, rows: int, start: int, stop: int, dim: int,
-                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Standard normals ``[rows, stop - start]`` for global variables [start, stop) of a
-    ``dim``-variable state: entry (r, k) depends only on (seed, stream, r, k), never on the slab."""
-    index = torch.arange(start, stop, dtype=torch.int64, device=device)
-    row = torch.arange(rows, dtype=torch.int64, device=device).unsqueeze(1)
-    counter = (row * dim + index) * 2
-    key = _splitmix64(torch.tensor(seed, dtype=torch.int64, device=device) * 1_000_003 + stream)
-    bits = torch.stack([_splitmix64(counter ^ key), _splitmix64((counter + 1) ^ key)])
-    uniform = (_logical_shift(bits, 11).to(torch.float64) + 0.5) * 2.0**-53  # in (0, 1)
-    radius = torch.sqrt(-2.0 * torch.log(uniform[0]))
-    return (radius * torch.cos(2.0 * torch.pi * uniform[1])).to(dtype)
-
-
 def ensf_analysis(ensf: EnSF, forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator, slab: Slab,
                   seed: int, cycle: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """EnSF analysis of this rank's slab ``[N, slab.size]`` of the forecast.
@@ -133,14 +104,18 @@ def ensf_analysis(ensf: EnSF, forecast: torch.Tensor, y: torch.Tensor, obs: Obse
     run with the same seed.
     """
     members = forecast.shape[0]
+    streams = [cycle * (ensf.steps + 1) + draw for draw in range(ensf.steps + 1)]
 
     def noise(draw: int) -> torch.Tensor:
-        stream = cycle * (ensf.steps + 1) + draw
-        return counter_normal(seed, stream, members, slab.start, slab.stop, slab.dim, forecast.dtype, forecast.device)
+        return counter_normal(seed, streams[draw], members, slab.start, slab.stop, slab.dim, forecast.dtype,
+                              forecast.device)
 
     def sum_over_ranks(partial: torch.Tensor) -> torch.Tensor:
         if dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(partial, group=group)
         return partial
 
+    if ensf.uses_fused_kernel(forecast, obs):
+        return fused_reverse_sde(ensf, forecast, y, obs, [stream_key(seed, s) for s in streams],
+                                 col_offset=slab.start, dim=slab.dim, sum_over_state=sum_over_ranks)
     return ensf.reverse_sde(forecast, y, obs, noise, sum_over_ranks)

@@ -22,11 +22,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, NamedTuple
 
 import torch
 
+from da_plugin.counter_rng import stream_key
+from da_plugin.filters.ensf_fused import check_fusable, fused_reverse_sde, triton_usable
 from da_plugin.obs import ObservationOperator
+
+
+class Step(NamedTuple):
+    """One reverse-SDE step: the diffusion's alpha and sigma^2 and the update's coefficients."""
+
+    alpha: float
+    sigma2: float
+    keep: float  # multiplies z
+    center: float  # multiplies the prior centre (the member's forecast, or the mixture mean)
+    likelihood: float  # multiplies the likelihood score
+    noise: float  # multiplies the standard normal draw
 
 
 @dataclass
@@ -41,6 +54,9 @@ class EnSF:
     prior_score: Literal["one_to_one", "mixture"] = "one_to_one"
     chunk_size: int = 1 << 20  # state variables per chunk of the mixture's distance products
     block_elements: int = 1 << 16  # CPU: ensemble entries per block of the elementwise update (cache-sized)
+    # torch: one kernel per operation and step; triton: the fused kernel (CUDA, float32, componentwise
+    # observations); auto: triton where it can run, else torch
+    backend: Literal["auto", "torch", "triton"] = "auto"
 
     def __post_init__(self) -> None:
         if self.ensemble_size < 2:
@@ -68,7 +84,18 @@ class EnSF:
     def analysis(self, forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator,
                  generator: torch.Generator) -> torch.Tensor:
         """Analysis ensemble ``[N, d]`` from forecast ``[N, d]`` and observations ``y`` ``[m]``."""
+        if self.uses_fused_kernel(forecast, obs):
+            seed = int(torch.randint(1 << 62, (1,), generator=generator, device=generator.device))
+            return fused_reverse_sde(self, forecast, y, obs, [stream_key(seed, k) for k in range(self.steps + 1)])
         return self.reverse_sde(forecast, y, obs, noise=lambda step: _randn_like(forecast, generator))
+
+    def uses_fused_kernel(self, forecast: torch.Tensor, obs: ObservationOperator) -> bool:
+        """Whether this analysis runs the fused Triton kernel (raises if backend=triton cannot)."""
+        if self.backend == "triton":
+            check_fusable(forecast, obs)
+            return True
+        return (self.backend == "auto" and triton_usable(forecast.device) and forecast.dtype == torch.float32
+                and obs.operator in ("identity", "arctan"))
 
     def reverse_sde(self, forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator,
                     noise: Callable[[int], torch.Tensor],
@@ -85,26 +112,38 @@ class EnSF:
         y = y.to(forecast)
         blocks = self._column_blocks(forecast, y, obs)
         z = noise(0)
+        for k, step in enumerate(self.schedule()):
+            if self.prior_score == "one_to_one":
+                center = forecast
+            else:
+                center = self._mixture_mean(z, forecast, step.alpha, step.sigma2, sum_over_state)
+            xi = noise(k + 1)
+            # block by block so the temporaries stay in cache
+            for columns, block_obs, block_y in blocks:
+                block = z[:, columns]
+                update = block_obs.likelihood_score(block, block_y).mul_(step.likelihood)
+                update.add_(center[:, columns], alpha=step.center)
+                update.add_(xi[:, columns], alpha=step.noise)
+                block.mul_(step.keep).add_(update)
+        return z
+
+    def schedule(self) -> list[Step]:
+        """The K Euler-Maruyama steps from t = 1 down to t = 1/K, as update coefficients.
+
+        Step k maps z to keep z + center c + likelihood L(z) + noise xi, which is
+        z - dt [f z - g^2 (-(z - alpha c) / sigma^2 + h L)] + sqrt(dt) g xi written out.
+        """
         dt = 1.0 / self.steps
+        steps = []
         for k in range(self.steps):
             t = 1.0 - k * dt
             alpha, sigma2 = self.alpha(t), self.sigma2(t)
             drift = -(1.0 - self.eps_alpha) / alpha  # f(t) = d log alpha / dt
             g2 = (1.0 - self.eps_beta) - 2.0 * drift * sigma2
-            if self.prior_score == "one_to_one":
-                center = forecast
-            else:
-                center = self._mixture_mean(z, forecast, alpha, sigma2, sum_over_state)
-            xi = noise(k + 1)
-            # z - dt [f z - g^2 (-(z - alpha c) / sigma^2 + h L)] + sqrt(dt) g xi, as one linear combination,
-            # block by block so the temporaries stay in cache
-            for columns, block_obs, block_y in blocks:
-                block = z[:, columns]
-                step = block_obs.likelihood_score(block, block_y).mul_(dt * g2 * self.h(t))
-                step.add_(center[:, columns], alpha=dt * g2 * alpha / sigma2)
-                step.add_(xi[:, columns], alpha=math.sqrt(dt * g2))
-                block.mul_(1.0 - dt * drift - dt * g2 / sigma2).add_(step)
-        return z
+            steps.append(Step(alpha=alpha, sigma2=sigma2, keep=1.0 - dt * drift - dt * g2 / sigma2,
+                              center=dt * g2 * alpha / sigma2, likelihood=dt * g2 * self.h(t),
+                              noise=math.sqrt(dt * g2)))
+        return steps
 
     def _column_blocks(self, forecast: torch.Tensor, y: torch.Tensor,
                        obs: ObservationOperator) -> list[tuple[slice, ObservationOperator, torch.Tensor]]:

@@ -1,0 +1,164 @@
+"""The EnSF reverse SDE as one Triton kernel: each state element is read once and written once.
+
+With the one-to-one prior score, member i's variable k evolves through all K Euler-Maruyama
+steps using only its own forecast value and the observation of variable k, so a GPU thread
+can keep z in registers for the whole analysis and draw every normal in place from the
+counter-based generator of :mod:`da_plugin.counter_rng` (the numbers the torch path with
+``counter_normal`` noise uses). Memory traffic is then the floor, 4 bytes x (2 N d + 2 d), and
+the time is set by the random numbers and the arithmetic. The mixture score needs an N x N
+reduction over the whole state between steps, so it runs the same kernel one step at a time.
+
+Only componentwise observation operators (identity, arctan of observed variables) fuse; they
+are given to the kernel as a dense observation and precision (1/sigma^2, or 0 where
+unobserved) per variable. Without a GPU the kernel runs in Triton's interpreter
+(``TRITON_INTERPRET=1``), which the tests use.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+from da_plugin.obs import ObservationOperator
+
+if TYPE_CHECKING:
+    from da_plugin.filters.ensf import EnSF
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs: the torch path is used
+    triton = None
+
+BLOCK = 1024  # state elements per program
+NUM_WARPS = 4
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Whether the fused kernel runs natively on ``device`` (what ``backend: auto`` asks)."""
+    return triton is not None and device.type == "cuda"
+
+
+def check_fusable(forecast: torch.Tensor, obs: ObservationOperator) -> None:
+    """Raise a ValueError saying why the fused kernel cannot run this analysis, if it cannot."""
+    if triton is None:
+        raise ValueError("filter.backend=triton needs the triton package (installed with CUDA builds of torch)")
+    if not (triton_usable(forecast.device) or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise ValueError(f"filter.backend=triton needs a CUDA device, found {forecast.device} "
+                         "(set TRITON_INTERPRET=1 to run the kernel in Triton's CPU interpreter)")
+    if forecast.dtype != torch.float32:
+        raise ValueError(f"filter.backend=triton computes in float32, found a {forecast.dtype} state; "
+                         "use filter.backend=torch for float64 reference runs")
+    if obs.operator not in ("identity", "arctan"):
+        raise ValueError(f"filter.backend=triton fuses componentwise operators only, found {obs.operator!r}")
+
+
+def dense_observations(obs: ObservationOperator, y: torch.Tensor, dim: int,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Observation value and precision (1/sigma^2; 0 where unobserved) per state variable, ``[dim]`` each."""
+    values = torch.zeros(dim, dtype=torch.float32, device=device)
+    precision = torch.zeros(dim, dtype=torch.float32, device=device)
+    index = obs.indices.to(device)
+    values[index] = y.to(device=device, dtype=torch.float32)
+    precision[index] = 1.0 / obs.sigma**2
+    return values, precision
+
+
+def fused_reverse_sde(ensf: EnSF, forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator,
+                      keys: Sequence[int], *, row_offset: int = 0, col_offset: int = 0, dim: int | None = None,
+                      sum_over_state: Callable[[torch.Tensor], torch.Tensor] = lambda partial: partial
+                      ) -> torch.Tensor:
+    """EnSF analysis ``[N, n]`` of ``forecast`` ``[N, n]`` with the fused kernel.
+
+    ``keys[k]`` (``stream_key`` values, K + 1 of them) key the normals of draw k; the counter of
+    entry (i, j) is ``(row_offset + i) * dim + col_offset + j``, so a slab of a ``dim``-variable
+    state (or a block of members) draws what a single process draws for it.
+    """
+    check_fusable(forecast, obs)
+    obs.check(y)
+    members, width = forecast.shape
+    if len(keys) != ensf.steps + 1:
+        raise ValueError(f"fused EnSF needs {ensf.steps + 1} noise keys (K + 1), got {len(keys)}")
+    forecast = forecast.contiguous()
+    values, precision = dense_observations(obs, y, width, forecast.device)
+    schedule = ensf.schedule()
+    coefficients = torch.tensor([[s.keep, s.center, s.likelihood, s.noise] for s in schedule],
+                                dtype=torch.float32, device=forecast.device)
+    key_tensor = torch.tensor(list(keys), dtype=torch.int64, device=forecast.device)
+    z = torch.empty_like(forecast)
+
+    def launch(center: torch.Tensor, first: int, steps: int, draw_start: bool) -> None:
+        # the step range enters as tensor views and a compile-time count: one compiled variant per count
+        grid = (triton.cdiv(width, BLOCK), members)
+        _reverse_sde_kernel[grid](z, center, values, precision, key_tensor[first:], coefficients[first:],
+                                  width, dim or width, col_offset, row_offset, ARCTAN=obs.operator == "arctan",
+                                  DRAW_START=draw_start, STEPS=steps, BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+    if ensf.prior_score == "one_to_one":
+        launch(forecast, 0, ensf.steps, True)
+        return z
+    launch(forecast, 0, 0, True)  # z at t = 1 only
+    for k, step in enumerate(schedule):
+        launch(ensf._mixture_mean(z, forecast, step.alpha, step.sigma2, sum_over_state), k, 1, False)
+    return z
+
+
+if triton is not None:
+
+    @triton.jit
+    def _normal(counter, key):
+        """Standard normal from counter ^ key: SplitMix64, then Box-Muller (as counter_rng.box_muller)."""
+        bits = counter ^ key
+        bits = bits + 0x9E3779B97F4A7C15
+        bits = (bits ^ (bits >> 30)) * 0xBF58476D1CE4E5B9
+        bits = (bits ^ (bits >> 27)) * 0x94D049BB133111EB
+        bits = bits ^ (bits >> 31)
+        u_radius = ((bits >> 32).to(tl.uint32).to(tl.float32) + 0.5) * 2.3283064365386963e-10  # 2^-32
+        u_angle = ((bits & 0xFFFFFFFF).to(tl.uint32).to(tl.float32) + 0.5) * 2.3283064365386963e-10
+        return tl.sqrt(-2.0 * tl.log(u_radius)) * tl.cos(6.283185307179586 * u_angle)
+
+    @triton.jit
+    def _atan(x):
+        """float32 arctangent: reduction to |r| <= tan(pi/8) and the Cephes atanf polynomial."""
+        ax = tl.abs(x)
+        big = ax > 2.414213562373095  # tan(3 pi / 8)
+        mid = ax > 0.41421356237309503  # tan(pi / 8)
+        r = tl.where(big, -1.0 / tl.maximum(ax, 1e-30), tl.where(mid, (ax - 1.0) / (ax + 1.0), ax))
+        base = tl.where(big, 1.5707963267948966, tl.where(mid, 0.7853981633974483, 0.0))
+        r2 = r * r
+        poly = (((8.05374449538e-2 * r2 - 1.38776856032e-1) * r2 + 1.99777106478e-1) * r2
+                - 3.33329491539e-1) * r2 * r + r
+        return tl.where(x < 0, -(base + poly), base + poly)
+
+    @triton.jit
+    def _reverse_sde_kernel(z_ptr, center_ptr, y_ptr, precision_ptr, keys_ptr, coef_ptr,
+                            width, dim, col_offset, row_offset,
+                            ARCTAN: tl.constexpr, DRAW_START: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+        """STEPS steps for one row (member) and BLOCK columns, z kept in registers; ``keys_ptr`` and
+        ``coef_ptr`` start at the first step's draw and coefficients."""
+        row = tl.program_id(1).to(tl.int64)
+        cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < width
+        offsets = row * width + cols
+        center = tl.load(center_ptr + offsets, mask=inside, other=0.0)
+        y = tl.load(y_ptr + cols, mask=inside, other=0.0)
+        precision = tl.load(precision_ptr + cols, mask=inside, other=0.0)
+        counter = ((row + row_offset) * dim + col_offset + cols).to(tl.uint64, bitcast=True)
+        if DRAW_START:
+            z = _normal(counter, tl.load(keys_ptr).to(tl.uint64, bitcast=True))
+        else:
+            z = tl.load(z_ptr + offsets, mask=inside, other=0.0)
+        for k in range(STEPS):
+            keep = tl.load(coef_ptr + 4 * k)
+            center_coef = tl.load(coef_ptr + 4 * k + 1)
+            likelihood_coef = tl.load(coef_ptr + 4 * k + 2)
+            noise_coef = tl.load(coef_ptr + 4 * k + 3)
+            if ARCTAN:
+                score = precision * (y - _atan(z)) / (1.0 + z * z)
+            else:
+                score = precision * (y - z)
+            xi = _normal(counter, tl.load(keys_ptr + k + 1).to(tl.uint64, bitcast=True))
+            z = keep * z + center_coef * center + likelihood_coef * score + noise_coef * xi
+        tl.store(z_ptr + offsets, z, mask=inside)
