@@ -1,8 +1,9 @@
 """Counter-based standard normals that do not depend on how the state is split.
 
-Entry (row, variable k) of draw ``stream`` is a pure function of (seed, stream, row, k): one
-SplitMix64 hash (Steele, Lea & Flood 2014) of the counter ``row * dim + k`` xor the draw's key
-gives 64 random bits, whose halves are two 32-bit uniforms for one Box-Muller normal. A rank
+Entry (row, variable k) of draw ``stream`` is a pure function of (seed, stream, row, k). Draws
+come in pairs (2p, 2p + 1): one SplitMix64 hash (Steele, Lea & Flood 2014) of the counter
+``row * dim + k`` xor the pair's key gives 64 random bits, whose halves are two 32-bit uniforms
+for a Box-Muller pair, r cos(theta) for the even draw and r sin(theta) for the odd one. A rank
 holding any slab, or a GPU kernel generating the numbers in registers
 (:mod:`da_plugin.filters.ensf_fused`), draws exactly the numbers a single process draws.
 """
@@ -30,9 +31,9 @@ def splitmix64(value: int) -> int:
     return z ^ (z >> 31)
 
 
-def stream_key(seed: int, stream: int) -> int:
-    """The 64-bit key of draw ``stream`` under ``seed``, as a signed int64 (torch's integer type)."""
-    return _signed(splitmix64((seed * 1_000_003 + stream) & _MASK64))
+def pair_key(seed: int, pair: int) -> int:
+    """The 64-bit key of draws (2 pair, 2 pair + 1) under ``seed``, as a signed int64 (torch's integer type)."""
+    return _signed(splitmix64((seed * 1_000_003 + pair) & _MASK64))
 
 
 def _logical_shift(z: torch.Tensor, bits: int) -> torch.Tensor:
@@ -47,14 +48,15 @@ def _splitmix64_tensor(z: torch.Tensor) -> torch.Tensor:
     return z ^ _logical_shift(z, 31)
 
 
-def box_muller(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One standard normal per 64-bit word: radius from the high half, angle from the low half."""
+def box_muller(bits: torch.Tensor, dtype: torch.dtype, odd: bool) -> torch.Tensor:
+    """The even (cosine) or odd (sine) normal of the pair from 64-bit words: radius from the
+    high half, angle in (-pi, pi) from the low half."""
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     high = _logical_shift(bits, 32).to(compute)
     low = (bits & 0xFFFFFFFF).to(compute)
     u_radius = (high + 0.5) * 2.0**-32  # in (0, 1]: the log never sees 0
-    u_angle = (low + 0.5) * 2.0**-32
-    return (torch.sqrt(-2.0 * torch.log(u_radius)) * torch.cos(2.0 * torch.pi * u_angle)).to(dtype)
+    angle = ((low + 0.5) * 2.0**-32 - 0.5) * (2.0 * torch.pi)
+    return (torch.sqrt(-2.0 * torch.log(u_radius)) * (torch.sin(angle) if odd else torch.cos(angle))).to(dtype)
 
 
 def counter_normal(seed: int, stream: int, rows: int, start: int, stop: int, dim: int,
@@ -66,4 +68,4 @@ def counter_normal(seed: int, stream: int, rows: int, start: int, stop: int, dim
     index = torch.arange(start, stop, dtype=torch.int64, device=device)
     row = torch.arange(row_offset, row_offset + rows, dtype=torch.int64, device=device).unsqueeze(1)
     counter = row * dim + index
-    return box_muller(_splitmix64_tensor(counter ^ stream_key(seed, stream)), dtype)
+    return box_muller(_splitmix64_tensor(counter ^ pair_key(seed, stream // 2)), dtype, odd=stream % 2 == 1)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from da_plugin.counter_rng import counter_normal, stream_key
+from da_plugin.counter_rng import counter_normal
 from da_plugin.filters.ensf import EnSF
 from da_plugin.filters.ensf_fused import fused_reverse_sde
 from da_plugin.models.lorenz96 import rk4
@@ -104,10 +104,10 @@ def ensf_analysis(ensf: EnSF, forecast: torch.Tensor, y: torch.Tensor, obs: Obse
     run with the same seed.
     """
     members = forecast.shape[0]
-    streams = [cycle * (ensf.steps + 1) + draw for draw in range(ensf.steps + 1)]
+    first_draw = cycle * ensf.noise_draws
 
     def noise(draw: int) -> torch.Tensor:
-        return counter_normal(seed, streams[draw], members, slab.start, slab.stop, slab.dim, forecast.dtype,
+        return counter_normal(seed, first_draw + draw, members, slab.start, slab.stop, slab.dim, forecast.dtype,
                               forecast.device)
 
     def sum_over_ranks(partial: torch.Tensor) -> torch.Tensor:
@@ -116,6 +116,5 @@ def ensf_analysis(ensf: EnSF, forecast: torch.Tensor, y: torch.Tensor, obs: Obse
         return partial
 
     if ensf.uses_fused_kernel(forecast, obs):
-        return fused_reverse_sde(ensf, forecast, y, obs, [stream_key(seed, s) for s in streams],
-                                 col_offset=slab.start, dim=slab.dim, sum_over_state=sum_over_ranks)
+        return fused_reverse_sde(ensf, forecast, y, obs, seed, first_draw, col_offset=slab.start, dim=slab.dim, sum_over_state=sum_over_ranks)
     return ensf.reverse_sde(forecast, y, obs, noise, sum_over_ranks)

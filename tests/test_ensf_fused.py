@@ -4,12 +4,14 @@ On CPU the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_IN
 these tests exercise the kernel's own code; on a GPU they run it compiled.
 """
 
+import math
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from da_plugin.counter_rng import box_muller, counter_normal, splitmix64, stream_key  # noqa: E402
+from da_plugin.counter_rng import box_muller, counter_normal, pair_key, splitmix64  # noqa: E402
 from da_plugin.filters.ensf import EnSF  # noqa: E402
 from da_plugin.filters.ensf_fused import check_fusable, fused_reverse_sde  # noqa: E402
 from da_plugin.obs import ObservationOperator  # noqa: E402
@@ -33,7 +35,7 @@ def test_fused_kernel_matches_the_torch_reverse_sde(prior_score, operator, indic
     ensf = EnSF(ensemble_size=MEMBERS, steps=STEPS, prior_score=prior_score, backend="torch")
     reference = ensf.reverse_sde(forecast, y, obs,
                                  noise=lambda k: counter_normal(11, k, MEMBERS, 0, DIM, DIM, device=DEVICE))
-    fused = fused_reverse_sde(ensf, forecast, y, obs, [stream_key(11, k) for k in range(STEPS + 1)])
+    fused = fused_reverse_sde(ensf, forecast, y, obs, seed=11)
     assert torch.isfinite(fused).all()
     # float32 with different log/cos/atan implementations: agreement to a few ulps of |z| ~ 10
     torch.testing.assert_close(fused, reference, rtol=0, atol=2e-5)
@@ -43,12 +45,11 @@ def test_fused_kernel_matches_the_torch_reverse_sde(prior_score, operator, indic
 def test_a_slab_and_a_block_of_members_draw_the_numbers_of_the_whole_state():
     forecast, y, obs = problem("arctan", torch.arange(DIM))
     ensf = EnSF(ensemble_size=MEMBERS, steps=STEPS)
-    keys = [stream_key(5, k) for k in range(STEPS + 1)]
-    whole = fused_reverse_sde(ensf, forecast, y, obs, keys)
+    whole = fused_reverse_sde(ensf, forecast, y, obs, seed=5, first_draw=8)
     start, stop, rows = 101, 250, slice(2, 4)
     slab_obs, positions = obs.restrict(start, stop)
-    part = fused_reverse_sde(ensf, forecast[rows, start:stop], y[positions.to(y.device)], slab_obs, keys,
-                             row_offset=2, col_offset=start, dim=DIM)
+    part = fused_reverse_sde(ensf, forecast[rows, start:stop], y[positions.to(y.device)], slab_obs, seed=5,
+                             first_draw=8, row_offset=2, col_offset=start, dim=DIM)
     torch.testing.assert_close(part, whole[rows, start:stop], rtol=0, atol=1e-6)
 
 
@@ -63,11 +64,15 @@ def test_counter_normals_are_standard_normal_and_keyed_by_stream():
 def test_hash_and_box_muller_against_python_integers():
     # the tensor SplitMix64 (wrapping int64) equals the exact Python-integer one, bit for bit
     counters = [0, 1, 12345, 2**40 + 7]
-    key = stream_key(3, 4)
+    key = pair_key(3, 2)  # draws 4 and 5
     expected = [splitmix64(c ^ (key % 2**64)) for c in counters]
-    normals = counter_normal(3, 4, 1, 0, 12346, 12346, torch.float64)[0, [0, 1, 12345]]
     words = torch.tensor([e - 2**64 if e >= 2**63 else e for e in expected[:3]], dtype=torch.int64)
-    torch.testing.assert_close(normals, box_muller(words, torch.float64), rtol=0, atol=0)
+    for draw, odd in [(4, False), (5, True)]:
+        normals = counter_normal(3, draw, 1, 0, 12346, 12346, torch.float64)[0, [0, 1, 12345]]
+        torch.testing.assert_close(normals, box_muller(words, torch.float64, odd), rtol=0, atol=0)
+    # the two draws of a pair are r cos and r sin of one angle
+    squared_radius = sum(counter_normal(3, draw, 1, 0, 2, 2, torch.float64)[0, 1] ** 2 for draw in (4, 5))
+    assert squared_radius.item() == pytest.approx(-2.0 * math.log(((expected[1] >> 32) + 0.5) * 2.0**-32), rel=1e-12)
 
 
 def test_unfusable_analyses_are_refused_with_the_reason():
@@ -75,5 +80,5 @@ def test_unfusable_analyses_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="float32"):
         check_fusable(forecast.double(), obs)
     ensf = EnSF(ensemble_size=MEMBERS, steps=STEPS)
-    with pytest.raises(ValueError, match="K \\+ 1"):
-        fused_reverse_sde(ensf, forecast, y, obs, [1, 2, 3])
+    with pytest.raises(ValueError, match="even"):
+        fused_reverse_sde(ensf, forecast, y, obs, seed=1, first_draw=3)

@@ -26,7 +26,6 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 
-from da_plugin.counter_rng import stream_key
 from da_plugin.filters.ensf_fused import check_fusable, fused_reverse_sde, triton_usable
 from da_plugin.obs import ObservationOperator
 
@@ -86,7 +85,7 @@ class EnSF:
         """Analysis ensemble ``[N, d]`` from forecast ``[N, d]`` and observations ``y`` ``[m]``."""
         if self.uses_fused_kernel(forecast, obs):
             seed = int(torch.randint(1 << 62, (1,), generator=generator, device=generator.device))
-            return fused_reverse_sde(self, forecast, y, obs, [stream_key(seed, k) for k in range(self.steps + 1)])
+            return fused_reverse_sde(self, forecast, y, obs, seed)
         return self.reverse_sde(forecast, y, obs, noise=lambda step: _randn_like(forecast, generator))
 
     def uses_fused_kernel(self, forecast: torch.Tensor, obs: ObservationOperator) -> bool:
@@ -126,6 +125,11 @@ class EnSF:
                 update.add_(xi[:, columns], alpha=step.noise)
                 block.mul_(step.keep).add_(update)
         return z
+
+    @property
+    def noise_draws(self) -> int:
+        """Normal draws per analysis, K + 1, rounded up to pair with the counter generator's pairs."""
+        return 2 * (self.steps // 2 + 1)
 
     def schedule(self) -> list[Step]:
         """The K Euler-Maruyama steps from t = 1 down to t = 1/K, as update coefficients.
