@@ -14,7 +14,10 @@ variables, whatever the number of ranks.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -26,6 +29,59 @@ from da_plugin.models.lorenz96 import rk4
 from da_plugin.obs import ObservationOperator
 
 HALO_LEFT, HALO_RIGHT = 2, 1  # neighbours the Lorenz-96 tendency reads on each side
+
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place in the job, as its launcher describes it."""
+
+    rank: int
+    world: int
+    local_rank: int
+    launcher: str  # torchrun | mpiexec | srun | single
+
+
+def detect_launch() -> Launch:
+    """Rank and world size from torchrun (RANK), mpiexec (mpi4py) or srun (SLURM_PROCID) variables."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun")
+    if any(name in env for name in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")):
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        return Launch(comm.Get_rank(), comm.Get_size(), local, "mpiexec")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return Launch(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), "srun")
+    return Launch(0, 1, 0, "single")
+
+
+def _rendezvous_address(launch: Launch) -> str:
+    """tcp://host:port of rank 0: from MASTER_ADDR/MASTER_PORT, or under mpiexec broadcast by rank 0."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if launch.launcher == "mpiexec" and (host is None or port is None):
+        from mpi4py import MPI
+
+        if launch.rank == 0:
+            with socket.socket() as probe:
+                probe.bind(("", 0))
+                free_port = probe.getsockname()[1]
+            host, port = socket.gethostname(), str(free_port)
+        host, port = MPI.COMM_WORLD.bcast((host, port), root=0)
+    if host is None:
+        raise RuntimeError(f"{launch.launcher} started {launch.world} ranks but MASTER_ADDR is not set; "
+                           "export MASTER_ADDR (rank 0's host) and MASTER_PORT")
+    return f"tcp://{host}:{port or 29500}"
+
+
+def init_distributed(launch: Launch, backend: str, timeout_s: float) -> None:
+    """Join the job's torch.distributed group (tensor collectives); a peer silent for
+    ``timeout_s`` seconds makes every collective raise instead of hanging."""
+    if launch.world == 1 or dist.is_initialized():
+        return
+    dist.init_process_group(backend, init_method=_rendezvous_address(launch), rank=launch.rank,
+                            world_size=launch.world, timeout=timedelta(seconds=timeout_s))
 
 
 @dataclass(frozen=True)
