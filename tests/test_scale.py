@@ -1,0 +1,109 @@
+"""da_plugin.scale and tools/ensf_problem_gen.py as users launch them: torchrun-style ranks,
+mpiexec, problem shards, and the failures a multi-rank job must report instead of hanging."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from da_plugin.distributed import Launch
+from da_plugin.scale import ScaleConfig, run
+from megavit.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs/da/l96_ensf_scale.yaml"
+SMALL = ["model.dim=203", "cycles=3", "spinup_steps=50", "filter.steps=10", "progress=false", "device=cpu"]
+MPIEXEC = [str(Path(sys.executable).parent / "mpiexec"), "--allow-run-as-root", "--oversubscribe"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(world: int, overrides: list[str], **popen) -> list[subprocess.Popen]:
+    """``world`` processes of da_plugin.scale with the variables torchrun would set."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "da_plugin.scale", str(CONFIG), *overrides], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen))
+    return procs
+
+
+def single_process(overrides: list[str]) -> dict:
+    return run(load_config(ScaleConfig, CONFIG, overrides), Launch(0, 1, 0, "single"))
+
+
+def test_three_ranks_give_the_single_process_numbers(tmp_path):
+    reference = single_process(SMALL)
+    procs = start_ranks(3, SMALL + [f"output_dir={tmp_path / 'out'}"])
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["ranks"] == 3 and summary["launcher"] == "torchrun"
+    for key in ("rmse_a", "rmse_f", "spread_a"):
+        np.testing.assert_allclose(summary["history"][key], reference["history"][key], rtol=1e-5)
+
+
+def test_problem_shards_from_mpiexec_reproduce_the_computed_run(tmp_path):
+    problem = tmp_path / "problem"
+    subprocess.run([*MPIEXEC, "-n", "2", sys.executable, str(ROOT / "tools/ensf_problem_gen.py"), "--dim", "203",
+                    "--steps", "3", "--spinup-steps", "50", "--out", str(problem)], check=True, timeout=240,
+                   capture_output=True)
+    meta = json.loads((problem / "meta.json").read_text())
+    assert meta["shards"] == [[0, 102], [102, 203]]
+    computed = single_process(SMALL)
+    read = single_process(SMALL + [f"problem_dir={problem}"])
+    np.testing.assert_allclose(read["history"]["rmse_a"], computed["history"]["rmse_a"], rtol=1e-6)
+
+
+def test_mismatched_or_damaged_shards_are_named(tmp_path):
+    problem = tmp_path / "problem"
+    subprocess.run([sys.executable, str(ROOT / "tools/ensf_problem_gen.py"), "--dim", "203", "--steps", "3",
+                    "--spinup-steps", "50", "--out", str(problem)], check=True, timeout=240, capture_output=True)
+    with pytest.raises(ValueError, match="seed is 0 but the run is configured with 7"):
+        single_process(SMALL + [f"problem_dir={problem}", "seed=7"])
+    np.save(problem / "truth_00000.npy", np.zeros((4, 100), np.float32))
+    with pytest.raises(ValueError, match=r"truth_00000.npy: shape \(4, 100\), expected \(4, 203\)"):
+        single_process(SMALL + [f"problem_dir={problem}"])
+    # an existing, non-empty output directory is refused and left alone
+    result = subprocess.run([sys.executable, str(ROOT / "tools/ensf_problem_gen.py"), "--dim", "203", "--steps", "3",
+                             "--out", str(problem)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "not empty" in result.stderr
+    assert (problem / "meta.json").exists()
+
+
+def test_a_dead_rank_stops_the_others_with_an_error_within_the_timeout(tmp_path):
+    long_run = ["model.dim=4000", "cycles=100000", "spinup_steps=0", "filter.steps=10", "progress=false",
+                "device=cpu", "timeout_s=20", f"output_dir={tmp_path / 'out'}"]
+    survivor, victim = start_ranks(2, long_run)
+    time.sleep(8)  # past the rendezvous and into the cycles (a kill before it is also a failure to report)
+    victim.send_signal(signal.SIGKILL)
+    started = time.monotonic()
+    try:
+        _, err = survivor.communicate(timeout=90)
+    finally:
+        survivor.kill()
+    assert survivor.returncode == 1
+    assert time.monotonic() - started < 60
+    assert "rank 0: lost contact with the other ranks" in err
+    assert not (tmp_path / "out").exists()  # no summary from a broken run
+
+
+@pytest.mark.skipif(shutil.which("true") is None, reason="needs a POSIX shell")
+def test_run_ensf_sh_help():
+    result = subprocess.run(["bash", str(ROOT / "launch/run_ensf.sh"), "-h"], capture_output=True, text=True)
+    assert result.returncode == 0 and "torchrun|mpiexec" in result.stdout
