@@ -226,7 +226,7 @@ class ViTEmbedding(nn.Module):
         patches = patchify(frames, self.patch_size)  # [B, V, T, p*p]
         tokens = torch.stack([embed(patches[:, v]) for v, embed in enumerate(self.patch_embeds)], dim=1)
         x = self.aggregate(tokens + self.var_embed)  # [B, T, D]
-        x = x + self.pos_embed + self.lead_time_embed(lead_time.reshape(-1, 1).to(frames.dtype))[:, None]
+        x = x + self.pos_embed.to(x.dtype) + self.lead_time_embed(lead_time.reshape(-1, 1).to(frames.dtype))[:, None]
         if self.sequence_parallel:
             x = scatter_to_sequence_parallel_region(x, self.group)
         return x

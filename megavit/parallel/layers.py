@@ -138,3 +138,22 @@ def allreduce_sequence_parallel_grads(model: nn.Module, group: ProcessGroup | No
     dist.all_reduce(flat, group=group)
     for grad, reduced in zip(grads, flat.split([g.numel() for g in grads])):
         grad.copy_(reduced.view_as(grad))
+
+
+def sequence_parallel_grad_hooks(model: nn.Module, group: ProcessGroup | None) -> None:
+    """Sum the gradients of ``sequence_parallel`` parameters over the TP group as backward makes them.
+
+    The hook form of :func:`allreduce_sequence_parallel_grads`, for engines (DeepSpeed ZeRO) that
+    reduce and partition gradients inside backward, before a post-backward call could run.
+    """
+    if group_size(group) == 1:
+        return
+
+    def summed(grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    for param in model.parameters():
+        if getattr(param, "sequence_parallel", False):
+            param.register_hook(summed)

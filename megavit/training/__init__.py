@@ -1,0 +1,1 @@
+"""Training the SQG ViT with DeepSpeed (entry point: megavit/training/train.py)."""

@@ -1,0 +1,64 @@
+"""Train the SQG ViT: ``deepspeed megavit/training/train.py CONFIG [key=value ...]`` (or torchrun).
+
+    launch/train_vit.sh tiny                                   (wraps the deepspeed launcher)
+    deepspeed --num_gpus 8 megavit/training/train.py configs/vit/sqg128_1.2b.yaml parallel.tp=2 parallel.pp=2
+    torchrun --nproc_per_node 2 megavit/training/train.py configs/vit/tiny.yaml data.synthetic=true
+
+CONFIG is a configs/vit/*.yaml file (model, parallel, data, optim, train sections); dotted
+overrides follow it. The DeepSpeed JSON comes from ``deepspeed.config`` or --deepspeed_config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from megavit.config import ConfigError, load_config
+from megavit.training.config import TrainConfig
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="megavit-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config (configs/vit/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=200")
+    parser.add_argument("--deepspeed_config", help="DeepSpeed JSON (default: the config's deepspeed.config)")
+    parser.add_argument("--resume", metavar="TAG", help="continue from a checkpoint tag, or 'latest'")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return parser.parse_args(argv)
+
+
+def load_deepspeed_config(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"DeepSpeed config not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(TrainConfig, args.config, args.overrides)
+        ds_config = load_deepspeed_config(args.deepspeed_config or config.deepspeed.config)
+    except ConfigError as err:
+        print(f"megavit-train: error: {err}", file=sys.stderr)
+        return 2
+    from megavit.training.trainer import NonFiniteLoss, Trainer
+
+    try:
+        trainer = Trainer(config, ds_config)
+        metrics = trainer.train(resume=args.resume)
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as err:
+        print(f"megavit-train: error: {err}", file=sys.stderr)
+        return 1
+    if trainer.rank == 0:
+        print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
