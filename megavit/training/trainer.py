@@ -202,7 +202,7 @@ class Trainer:
     def resume(self, tag: str) -> None:
         """Load ``tag`` (or the one ``latest`` names) and continue from its step."""
         tag = resolve_tag(self.checkpoints, tag)
-        saved, current = read_layout(self.checkpoints, tag), self.layout()
+        saved, current = read_layout(self.checkpoints, tag), json.loads(json.dumps(self.layout()))  # tuples as saved
         for key in ("tp", "pp", "dp", "sequence_parallel", "engine", "model"):
             if saved[key] != current[key]:
                 raise ValueError(f"checkpoint {self.checkpoints / tag} was saved with {key}={saved[key]}, "
