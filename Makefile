@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv clean data-tiny train-tiny
 
 venv: $(STAMP)
 
@@ -27,6 +27,19 @@ bench: $(STAMP)
 	$(BIN)/python bench/ensf_bench.py
 	$(BIN)/python bench/letkf_bench.py
 	$(BIN)/python bench/da_compare.py
+
+# a 64x64 SQG truth run (30 days spin-up, 60 days of 3-hourly frames; about 5 minutes on 2 cores)
+# converted into the train/val/test shards the tiny ViT config reads
+TINY_DATA := data/sqg64_tiny
+data-tiny: $(TINY_DATA)/meta.json
+
+$(TINY_DATA)/meta.json: $(STAMP)
+	$(BIN)/python tools/sqg_generate.py --preset 64 --spinup-days 30 --days 60 --out data/sqg64_tiny_run.nc
+	$(BIN)/python tools/nc2npy_mpi.py --input data/sqg64_tiny_run.nc --out-dir $(TINY_DATA) \
+		--start_train_day 30 --start_val_day 75 --start_test_day 82.5 --end_day 90 --num_shards 4
+
+train-tiny: data-tiny
+	bash launch/train_vit.sh tiny
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
