@@ -66,6 +66,9 @@ def counter_normal(seed: int, stream: int, rows: int, start: int, stop: int, dim
     variables [start, stop) of a ``dim``-variable state; each entry depends only on
     (seed, stream, row, variable), never on the slab or the rank."""
     index = torch.arange(start, stop, dtype=torch.int64, device=device)
-    row = torch.arange(row_offset, row_offset + rows, dtype=torch.int64, device=device).unsqueeze(1)
-    counter = row * dim + index
-    return box_muller(_splitmix64_tensor(counter ^ pair_key(seed, stream // 2)), dtype, odd=stream % 2 == 1)
+    key = pair_key(seed, stream // 2)
+    out = torch.empty(rows, stop - start, dtype=dtype, device=device)
+    for row in range(rows):  # a row at a time: the int64 temporaries stay at a few copies of one row
+        counter = (row_offset + row) * dim + index
+        out[row] = box_muller(_splitmix64_tensor(counter ^ key), dtype, odd=stream % 2 == 1)
+    return out

@@ -1,7 +1,8 @@
 """Forecast models, picked in configs by ``model.name``."""
 
 from da_plugin.models.lorenz96 import Lorenz96
+from da_plugin.models.sqg import SQG
 
-MODELS = {"lorenz96": Lorenz96}
+MODELS = {"lorenz96": Lorenz96, "sqg": SQG}
 
-__all__ = ["Lorenz96", "MODELS"]
+__all__ = ["Lorenz96", "MODELS", "SQG"]

@@ -1,0 +1,287 @@
+"""Two-level surface quasi-geostrophic (SQG) turbulence on batched torch tensors.
+
+The Eady configuration of Tulloch & Smith (2009, doi:10.1175/2008JAS2921.1, section 3), as in
+J. Whitaker's numpy model sqgturb: zero interior PV between rigid lids at z = 0 and z = H on a
+doubly periodic f-plane square of side L. The state is the potential-temperature anomaly
+theta (K) on both lids, ``[..., 2, N, N]`` (level 0 at z = 0, level 1 at z = H; y rows, x
+columns). With s = f theta0 / g, theta / s = d(psi)/dz on the lids, and each lid obeys
+
+    d(theta)/dt = -J(psi, theta) + (theta_eq - theta) / tdiab  [+/- s r |K|^2 psi, Ekman]
+
+where psi is the streamfunction of the interior flow (spectral inversion), J(a, b) =
+a_x b_y - a_y b_x is computed pseudo-spectrally with 3/2-rule dealiasing, theta_eq is the
+baroclinic jet and an 8th-order hyperdiffusion is applied as an integrating factor after each
+classical RK4 step. Spectra use ``norm="forward"`` (coefficients are Fourier amplitudes, the same
+on any grid), so zero-padding to the 3N/2 grid needs no rescaling.
+
+``sqgturb_compat=True`` reproduces sqgturb's Jacobian, which is (3/2)^2 = 2.25 times the true
+one (and treats the N/2 Nyquist modes differently); see docs/sqg.md for the derivation.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+DAY = 86400.0
+SQGTURB_JACOBIAN_FACTOR = 2.25  # (3/2)^2: sqgturb's padded-grid FFT normalization, docs/sqg.md
+INIT_NOISE_PV = 100.0  # m/s: std of sqgturb's white-noise initial state (x s = 0.31 K)
+
+# sqgturb's standard settings per resolution (its run script): N -> (dt [s], diff_efold [s])
+PRESETS: dict[int, tuple[float, float]] = {64: (1200.0, 86400.0), 128: (600.0, 43200.0), 256: (240.0, 10800.0)}
+
+
+@dataclass(frozen=True)
+class SpectralOperators:
+    """Arrays of one model at one (dtype, device), built once and reused by every step.
+
+    Spectral arrays are ``[N, N//2+1]`` (rows l, columns k, as ``torch.fft.rfft2``); the
+    ``*_pad`` ones live on the 3N/2 grid, ``[M, M//2+1]``.
+    """
+
+    n: int
+    m: int  # padded grid size 3N/2
+    ksq: torch.Tensor  # |K|^2 = k^2 + l^2 (rad/m)^2
+    ikx_pad: torch.Tensor
+    iky_pad: torch.Tensor
+    psi_self: torch.Tensor  # psi_i = psi_self * theta_i - psi_cross * theta_j, see invert()
+    psi_cross: torch.Tensor
+    hyperdiff: torch.Tensor  # exp(-dt/diff_efold (|K|/K_max)^diff_order)
+    theta_eq_hat: torch.Tensor  # [2, N, N//2+1] spectrum of the jet
+    relax_rate: float  # 1 / tdiab (0 for no relaxation)
+    ekman: torch.Tensor | None  # [2, N, N//2+1]: s r |K|^2 times (+1, -1) (symmetric) or (+1, 0)
+    jacobian_factor: float  # 1, or 2.25 in sqgturb_compat mode
+    keep_nyquist: bool  # sqgturb_compat: sqgturb's handling of the N/2 modes
+
+
+@dataclass(frozen=True)
+class SQG:
+    """Two-level SQG turbulence as a forecast operator: ``step`` advances ``[..., 2, N, N]`` in K.
+
+    Defaults are sqgturb's, with its 64^2 time step and diffusion (``SQG.preset`` for 128, 256).
+    """
+
+    N: int = 64  # grid points in x and y (even)
+    L: float = 20.0e6  # domain side (m): 20 Rossby radii
+    H: float = 10.0e3  # lid height (m)
+    U: float = 30.0  # jet speed (m/s): the equilibrium lid winds are +/- U/2 sin(2 pi y / L)
+    f: float = 1.0e-4  # Coriolis parameter (1/s)
+    nsq: float = 1.0e-4  # Brunt-Vaisala frequency squared (1/s^2)
+    g: float = 9.8  # gravity (m/s^2), with theta0 only converts to K: s = f theta0 / g
+    theta0: float = 300.0  # reference potential temperature (K)
+    dt: float = 1200.0  # RK4 time step (s)
+    diff_order: int = 8  # hyperdiffusion order (del^diff_order)
+    diff_efold: float = 86400.0  # e-folding time (s) of the shortest wave N/2; inf: no diffusion
+    tdiab: float = 10.0 * DAY  # relaxation time (s) back to the jet; inf: no relaxation
+    r: float = 0.0  # Ekman damping coefficient (m/s), e.g. dek nsq / f; 0: none
+    symmetric: bool = True  # symmetric jet (Ekman at both lids); False: no wind at z=0
+    sqgturb_compat: bool = False  # True: sqgturb's 2.25x Jacobian, to reproduce its runs
+
+    def __post_init__(self) -> None:
+        if self.N < 8 or self.N % 2:
+            raise ValueError(f"model.N must be an even number >= 8, got {self.N}")
+        positive = {"L": self.L, "H": self.H, "f": self.f, "nsq": self.nsq, "g": self.g, "theta0": self.theta0,
+                    "dt": self.dt, "diff_order": self.diff_order, "diff_efold": self.diff_efold, "tdiab": self.tdiab}
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"model.{name} must be > 0, got {value}")
+        if not self.r >= 0:
+            raise ValueError(f"model.r must be >= 0, got {self.r}")
+
+    @classmethod
+    def preset(cls, n: int, **overrides: object) -> SQG:
+        """sqgturb's standard setup at resolution ``n`` (64, 128 or 256): its dt and diff_efold."""
+        if n not in PRESETS:
+            raise ValueError(f"no SQG preset for N={n}; presets: {sorted(PRESETS)}")
+        dt, diff_efold = PRESETS[n]
+        return cls(**{"N": n, "dt": dt, "diff_efold": diff_efold, **overrides})
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        return (2, self.N, self.N)
+
+    @property
+    def scale(self) -> float:
+        """s = f theta0 / g (K s/m): theta = s * sqgturb's pv (m/s)."""
+        return self.f * self.theta0 / self.g
+
+    def operators(self, dtype: torch.dtype, device: str | torch.device) -> SpectralOperators:
+        """The precomputed spectral arrays for ``dtype`` (float32/64) on ``device`` (cached)."""
+        return _operators(self, dtype, torch.device(device))
+
+    def jet(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The equilibrium jet theta_eq (K), ``[2, N, N]``: a steady state of the full model."""
+        return torch.fft.irfft2(self.operators(dtype, device).theta_eq_hat, s=(self.N, self.N), norm="forward")
+
+    def step(self, x: torch.Tensor, steps: int = 1) -> torch.Tensor:
+        """Advance ``x`` (``[..., 2, N, N]``, K) by ``steps`` RK4 steps, in x's dtype and device."""
+        self.check_state(x)
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        ops = self.operators(x.dtype, x.device)
+        theta_hat = torch.fft.rfft2(x, norm="forward")
+        for _ in range(steps):
+            theta_hat = rk4_step(theta_hat, ops, self.dt)
+        return torch.fft.irfft2(theta_hat, s=(self.N, self.N), norm="forward")
+
+    def check_state(self, x: torch.Tensor) -> None:
+        """Raise a ValueError naming the expected and found shape or dtype of a state."""
+        if x.dim() < 3 or tuple(x.shape[-3:]) != self.state_shape:
+            raise ValueError(f"SQG state must have shape [..., 2, {self.N}, {self.N}] (levels, y, x), "
+                             f"found {list(x.shape)}")
+        if x.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"SQG state must be float32 or float64, found {x.dtype}")
+
+    def initial_state(self, generator: torch.Generator, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu") -> torch.Tensor:
+        """sqgturb's start: small white noise (zero mean per level), ``[2, N, N]`` in K.
+
+        The relaxation builds the jet while its eddies grow (about 15 days to turbulence). Starting
+        from the full jet instead makes the first eddies overshoot: with sqgturb's Jacobian and
+        time step that broke the RK4 stability limit in 2 of 8 seeds (docs/sqg.md).
+        """
+        noise = torch.randn(self.state_shape, generator=generator, dtype=torch.float64, device=generator.device)
+        noise = noise - noise.mean(dim=(-2, -1), keepdim=True)
+        return (INIT_NOISE_PV * self.scale * noise).to(dtype=dtype, device=device)
+
+
+def invert(theta_hat: torch.Tensor, ops: SpectralOperators) -> torch.Tensor:
+    """Streamfunction spectra (m^2/s) from lid theta spectra (K), both ``[..., 2, N, N//2+1]``.
+
+    psi(z) = A cosh(mu z/H) + B sinh(mu z/H), mu = |K| N H / f, with d(psi)/dz = theta / s on
+    both lids gives psi_0 = (H/mu)(q_1/sinh mu - q_0/tanh mu), psi_1 = (H/mu)(q_1/tanh mu - q_0/sinh mu)
+    for q = theta / s. The mean (K = 0) streamfunction is set to zero.
+    """
+    theta0, theta1 = theta_hat.unbind(-3)
+    psi0 = ops.psi_cross * theta1 - ops.psi_self * theta0
+    psi1 = ops.psi_self * theta1 - ops.psi_cross * theta0
+    return torch.stack((psi0, psi1), dim=-3)
+
+
+def jacobian(a_hat: torch.Tensor, b_hat: torch.Tensor, ops: SpectralOperators) -> torch.Tensor:
+    """Dealiased spectrum of J(a, b) = a_x b_y - a_y b_x for spectra ``[..., N, N//2+1]``.
+
+    Both fields are zero-padded to the 3N/2 grid, differentiated, multiplied there and the
+    product truncated back (3/2 rule): exact (alias-free) for all modes |k|, |l| < N/2.
+    """
+    fields = _pad(torch.stack((a_hat, b_hat)), ops)  # [2, ..., M, M//2+1]
+    grads = torch.fft.irfft2(torch.stack((ops.ikx_pad * fields, ops.iky_pad * fields)), s=(ops.m, ops.m),
+                             norm="forward")  # [d/dx or d/dy, a or b, ..., M, M]
+    product = grads[0, 0] * grads[1, 1] - grads[1, 0] * grads[0, 1]
+    j_hat = _truncate(torch.fft.rfft2(product, norm="forward"), ops)
+    return j_hat * ops.jacobian_factor if ops.jacobian_factor != 1.0 else j_hat
+
+
+def tendency(theta_hat: torch.Tensor, ops: SpectralOperators) -> torch.Tensor:
+    """d(theta_hat)/dt without hyperdiffusion: advection, relaxation to the jet, Ekman damping."""
+    psi_hat = invert(theta_hat, ops)
+    out = -jacobian(psi_hat, theta_hat, ops)
+    if ops.relax_rate:
+        out = out + ops.relax_rate * (ops.theta_eq_hat - theta_hat)
+    if ops.ekman is not None:
+        out = out + ops.ekman * psi_hat
+    return out
+
+
+def rk4_step(theta_hat: torch.Tensor, ops: SpectralOperators, dt: float) -> torch.Tensor:
+    """One RK4 step of ``tendency``, then the hyperdiffusion integrating factor (as sqgturb)."""
+    k1 = tendency(theta_hat, ops)
+    k2 = tendency(theta_hat + 0.5 * dt * k1, ops)
+    k3 = tendency(theta_hat + 0.5 * dt * k2, ops)
+    k4 = tendency(theta_hat + dt * k3, ops)
+    return ops.hyperdiff * (theta_hat + (dt / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4))
+
+
+def _pad(spec: torch.Tensor, ops: SpectralOperators) -> torch.Tensor:
+    """Zero-pad ``[..., N, N//2+1]`` spectra to ``[..., M, M//2+1]``.
+
+    Default: the modes |k|, |l| < N/2. Compat: as sqgturb, also the row l = -N/2 and, in the
+    padded column k = N/2, the conjugate of the N-grid Nyquist column.
+    """
+    n, m, h = ops.n, ops.m, ops.n // 2
+    low = h if ops.keep_nyquist else h - 1  # negative l rows kept: -low .. -1
+    out = spec.new_zeros((*spec.shape[:-2], m, m // 2 + 1))
+    out[..., :h, :h] = spec[..., :h, :h]
+    out[..., m - low:, :h] = spec[..., n - low:, :h]
+    if ops.keep_nyquist:
+        out[..., :h, h] = spec[..., :h, h].conj()
+        out[..., m - low:, h] = spec[..., n - low:, h].conj()
+    return out
+
+
+def _truncate(spec: torch.Tensor, ops: SpectralOperators) -> torch.Tensor:
+    """Keep the N-grid modes of a padded spectrum (``_pad``'s set, without the k = N/2 column)."""
+    n, m, h = ops.n, ops.m, ops.n // 2
+    low = h if ops.keep_nyquist else h - 1
+    out = spec.new_zeros((*spec.shape[:-2], n, n // 2 + 1))
+    out[..., :h, :h] = spec[..., :h, :h]
+    out[..., n - low:, :h] = spec[..., m - low:, :h]
+    return out
+
+
+def _wavenumbers(n: int, length: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, l) in rad/m on the rfft2 layout of an n x n grid, float64 ``[n, n//2+1]``."""
+    k = torch.fft.rfftfreq(n, d=1.0 / n, dtype=torch.float64) * (2.0 * math.pi / length)
+    l = torch.fft.fftfreq(n, d=1.0 / n, dtype=torch.float64) * (2.0 * math.pi / length)
+    return torch.meshgrid(l, k, indexing="ij")[::-1]
+
+
+def _jet(model: SQG) -> torch.Tensor:
+    """theta_eq (K) on the grid, float64 ``[2, N, N]``: the lid winds are +/- U/2 sin(2 pi y/L).
+
+    With l = 2 pi / L and mu = l N H / f, the interior solution of the jet mode gives lid
+    theta = -s (mu U / (2 l H)) coth(mu/2) cos(l y) on both lids (symmetric); or, asymmetric,
+    -s (mu U / (l H)) cos(l y) / sinh(mu) at z = 0 and cosh(mu) times that at z = H.
+    """
+    wave = 2.0 * math.pi / model.L
+    mu = wave * math.sqrt(model.nsq) * model.H / model.f
+    y = torch.arange(model.N, dtype=torch.float64) * (model.L / model.N)
+    profile = -torch.cos(wave * y) * model.scale * mu * model.U / (wave * model.H)
+    if model.symmetric:
+        amplitudes = torch.full((2,), 0.5 / math.tanh(0.5 * mu), dtype=torch.float64)
+    else:
+        amplitudes = torch.tensor([1.0 / math.sinh(mu), 1.0 / math.tanh(mu)], dtype=torch.float64)
+    return (amplitudes[:, None] * profile[None, :])[:, :, None].expand(2, model.N, model.N).contiguous()
+
+
+@functools.lru_cache(maxsize=16)
+def _operators(model: SQG, dtype: torch.dtype, device: torch.device) -> SpectralOperators:
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"SQG runs in float32 or float64, found {dtype}")
+    cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128
+    n, m = model.N, 3 * model.N // 2
+    k, l = _wavenumbers(n, model.L)
+    k_pad, l_pad = _wavenumbers(m, model.L)
+    ksq = k**2 + l**2
+    mu = ksq.sqrt() * (math.sqrt(model.nsq) * model.H / model.f)
+    mu_safe = mu.clamp(min=1e-300)  # K = 0 handled below; the large-mu end stays finite in float64
+    psi_self = (model.H / model.scale) / (mu_safe * torch.tanh(mu_safe))
+    psi_cross = (model.H / model.scale) / (mu_safe * torch.sinh(mu_safe))
+    psi_self[0, 0] = 0.0
+    psi_cross[0, 0] = 0.0
+    kmax = math.pi * n / model.L
+    hyperdiff = torch.exp(-(model.dt / model.diff_efold) * (ksq.sqrt() / kmax) ** model.diff_order)
+    if model.r > 0:
+        signs = torch.tensor([1.0, -1.0 if model.symmetric else 0.0], dtype=torch.float64)
+        ekman = (model.scale * model.r) * signs[:, None, None] * ksq
+    else:
+        ekman = None
+
+    def real(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype)
+
+    def imag(t: torch.Tensor) -> torch.Tensor:
+        return (1j * t).to(device=device, dtype=cdtype)
+
+    return SpectralOperators(
+        n=n, m=m, ksq=real(ksq), ikx_pad=imag(k_pad), iky_pad=imag(l_pad),
+        psi_self=real(psi_self), psi_cross=real(psi_cross), hyperdiff=real(hyperdiff),
+        theta_eq_hat=torch.fft.rfft2(_jet(model), norm="forward").to(device=device, dtype=cdtype),
+        relax_rate=0.0 if math.isinf(model.tdiab) else 1.0 / model.tdiab,
+        ekman=None if ekman is None else real(ekman),
+        jacobian_factor=SQGTURB_JACOBIAN_FACTOR if model.sqgturb_compat else 1.0,
+        keep_nyquist=model.sqgturb_compat,
+    )
