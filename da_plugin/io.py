@@ -16,7 +16,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-import netCDF4
 import numpy as np
 import yaml
 
@@ -69,6 +68,8 @@ class AnalysisWriter:
     def __init__(self, path: Path, state_dim: int, obs_index: np.ndarray, save_fields: bool,
                  attributes: dict[str, Any], time_units: str = "model time units"):
         self.save_fields = save_fields
+        import netCDF4  # only writers of analysis files need it (the scale runs on GPU nodes do not)
+
         self.dataset = netCDF4.Dataset(path, "w", format="NETCDF4")
         ds = self.dataset
         ds.Conventions = "CF-1.8"
