@@ -137,6 +137,9 @@ class Trainer:
         bar = tqdm(total=run.steps, initial=self.step, desc="train", unit="step", disable=self.rank != 0
                    or not run.progress)
         metrics: dict[str, float] = {}
+        if self.step == 0 and run.eval_every:  # the untrained baseline of the validation curve
+            self._scalar("val/loss", val_loss := self.evaluate())
+            self._record(val_loss=val_loss)
         while self.step < run.steps:
             started = self._now()
             loss = self.train_step(batches)
