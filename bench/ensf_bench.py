@@ -18,7 +18,7 @@ import torch
 
 from da_plugin.filters.ensf import EnSF
 from da_plugin.obs import ObservationOperator
-from timing import timed  # bench/timing.py (scripts run from bench/)
+from timing import add_device_options, selected_devices, timed  # bench/timing.py (scripts run from bench/)
 
 SIGMA_OBS = 0.05
 CPU_DIMS = [10_000, 100_000, 1_000_000]
@@ -104,23 +104,19 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=20, help="ensemble size N")
     parser.add_argument("--steps", type=int, default=100, help="reverse-SDE steps K")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (after one warm-up)")
-    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
-                        help="auto: CPU, then CUDA when available")
     parser.add_argument("--prior-score", choices=["one_to_one", "mixture"], default="one_to_one")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--max-loop-seconds", type=float, default=60.0,
                         help="above this estimated time the loop runs fewer steps and is scaled")
+    add_device_options(parser, dtype="float32")
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype)
     ensf = EnSF(ensemble_size=args.members, steps=args.steps, prior_score=args.prior_score)
-    devices = {"cpu": ["cpu"], "cuda": ["cuda"], "auto": ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])}
     print(f"EnSF prior_score={args.prior_score}, dtype={args.dtype}, arctan obs of all variables, "
           f"sigma={SIGMA_OBS}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if args.prior_score != "one_to_one":
         print("note: the loop reference always uses the one_to_one prior score")
-    for name in devices[args.device]:
-        device = torch.device(name)
+    for device in selected_devices(args):
         check_accuracy(ensf, device, dtype)
         print(f"{'device':>6} {'d':>11} {'N':>3} {'K':>4} {'EnSF best':>10} {'EnSF med':>10} "
               f"{'loop best':>11} {'loop med':>11} {'speedup':>8} {'GB/s':>7} {'peak mem':>14}   (times in ms/analysis)")

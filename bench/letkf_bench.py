@@ -19,7 +19,7 @@ import torch
 
 from da_plugin.filters.letkf import LETKF, apply_transform, ensemble_transform
 from da_plugin.obs import ObservationOperator
-from timing import timed  # bench/timing.py (scripts run from bench/)
+from timing import add_device_options, selected_devices, timed  # bench/timing.py (scripts run from bench/)
 
 
 def problem(d: int, n: int, device: torch.device, dtype: torch.dtype,
@@ -80,22 +80,15 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=20, help="ensemble size N")
     parser.add_argument("--radius", type=float, default=4.0, help="localization radius in grid units")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
-    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
-                        help="auto: CPU, then CUDA when available")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     parser.add_argument("--max-loop-seconds", type=float, default=20.0,
                         help="time budget per loop run; beyond it the loop covers fewer points and is scaled")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_device_options(parser, dtype="float64")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     dtype = getattr(torch, args.dtype)
-    devices = {"cpu": ["cpu"], "cuda": ["cuda"], "auto": ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])}
     print(f"LETKF N={args.members}, radius={args.radius}, inflation 1.0, identity obs of every 2nd variable, "
           f"sigma=1, dtype={args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    for name in devices[args.device]:
-        device = torch.device(name)
+    for device in selected_devices(args):
         check(args, device, dtype)
         print(f"{'device':>6} {'d':>7} {'m':>7} {'N':>3} {'L':>3} {'search ms':>10} {'batched ms':>11} "
               f"{'batched/s':>10} {'loop ms':>11} {'loop/s':>9} {'speedup':>9}   (ms per analysis; * = scaled)")

@@ -18,7 +18,7 @@ import statistics
 import torch
 
 from da_plugin.models.sqg import SQG
-from timing import timed  # bench/timing.py (scripts run from bench/)
+from timing import add_device_options, selected_devices, timed  # bench/timing.py (scripts run from bench/)
 
 
 def check(device: torch.device, dtype: torch.dtype) -> None:
@@ -49,20 +49,13 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256], help="grid sizes N (presets)")
     parser.add_argument("--members", type=int, nargs="+", default=[1, 20], help="batch sizes")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
-    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
-                        help="auto: CPU, then CUDA when available")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_device_options(parser, dtype="float32")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     dtype = getattr(torch, args.dtype)
-    devices = {"cpu": ["cpu"], "cuda": ["cuda"], "auto": ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])}
     print(f"SQG step (RK4, 3/2-rule dealiasing), dtype={args.dtype}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads")
-    for name in devices[args.device]:
-        device = torch.device(name)
+    for device in selected_devices(args):
         check(device, dtype)
         print(f"{'device':>6} {'N':>7} {'members':>7} {'dt s':>6} {'ms/step':>10} {'member-steps/s':>13} "
               f"{'days/s':>10}   (days/s: simulated days per wall-clock second, whole batch)")

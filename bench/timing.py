@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from typing import Callable
 
@@ -24,3 +25,19 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
         sync()
         times.append(1e3 * (time.perf_counter() - start))
     return times
+
+
+def add_device_options(parser: argparse.ArgumentParser, dtype: str = "float32") -> None:
+    """--device, --dtype and --threads, as every benchmark takes them."""
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
+                        help="auto: CPU, then CUDA when available")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default=dtype)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+
+def selected_devices(args: argparse.Namespace) -> list[torch.device]:
+    """The devices --device names (applying --threads first)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = {"cpu": ["cpu"], "cuda": ["cuda"], "auto": ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])}
+    return [torch.device(name) for name in names[args.device]]
