@@ -93,7 +93,8 @@ def model_grads(overrides: list[str], group, sequence_parallel: bool, allreduce:
 
 def tiny_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(7)
-    frames, target = torch.randn(2, 2, 32, 32, generator=generator), torch.randn(2, 2, 32, 32, generator=generator)
+    shape = (2, 2, *load_vit_config(TINY).image_size)
+    frames, target = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
     return frames, torch.rand(2, generator=generator), target
 
 

@@ -71,10 +71,10 @@ def test_stage_shapes_and_chain():
     for stage in model.stages():
         x = stage(x)
     torch.testing.assert_close(x, model(frames, lead_time), rtol=0, atol=0)
-    assert x.shape == (3, 2, 32, 32)
+    assert x.shape == (3, 2, *config.image_size)
     assert "pos_embed" not in dict(model.named_parameters())  # fixed, not learned
     patches = patchify(frames, config.patch_size)
-    assert patches.shape == (3, 2, config.num_tokens, 16)
+    assert patches.shape == (3, 2, config.num_tokens, config.patch_size**2)
     flat = patches.permute(0, 2, 1, 3).reshape(3, config.num_tokens, -1)  # head layout: (variable, row, column)
     assert torch.equal(unpatchify(flat, 2, config.image_size, config.patch_size), frames)
 
@@ -126,7 +126,7 @@ def test_layout_errors_name_the_values():
          r"model.attention_backend: 'flsh' is not one of \['sdpa', 'flash', 'math'\]; did you mean flash"),
         (["model.embed_dm=32"], r"unknown config key 'model.embed_dm'; did you mean embed_dim"),
         (["model.num_heads=5"], r"embed_dim=64 is not divisible by num_heads=5"),
-        (["model.patch_size=5"], r"image_size=\[32, 32\] must be two multiples of patch_size=5"),
+        (["model.patch_size=5"], r"image_size=\[64, 64\] must be two multiples of patch_size=5"),
         (["model.num_layers=two"], r"model.num_layers: expected int, found 'two'"),
         (["training.lr=1"], r"model overrides must have the form model.key=value"),
     ],
@@ -150,7 +150,7 @@ def test_flash_backend_without_flash_attn_is_a_clear_error():
 def test_config_file_may_hold_other_sections(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(TINY.read_text() + "training:\n  lr: 5.0e-4\n")
-    assert load_vit_config(path, ["model.num_layers=3"]) == ViTConfig(image_size=(32, 32), num_layers=3)
+    assert load_vit_config(path, ["model.num_layers=3"]) == ViTConfig(image_size=(64, 64), patch_size=8, num_layers=3)
     (tmp_path / "typo.yaml").write_text("model:\n  embed_dim: 64\n  num_layyers: 2\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'model.num_layyers'; did you mean num_layers"):
         load_vit_config(tmp_path / "typo.yaml")
