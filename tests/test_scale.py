@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -87,19 +88,26 @@ def test_mismatched_or_damaged_shards_are_named(tmp_path):
 
 
 def test_a_dead_rank_stops_the_others_with_an_error_within_the_timeout(tmp_path):
-    long_run = ["model.dim=4000", "cycles=100000", "spinup_steps=0", "filter.steps=10", "progress=false",
+    long_run = ["model.dim=4000", "cycles=100000", "spinup_steps=0", "filter.steps=10", "progress=true",
                 "device=cpu", "timeout_s=20", f"output_dir={tmp_path / 'out'}"]
     survivor, victim = start_ranks(2, long_run)
-    time.sleep(8)  # past the rendezvous and into the cycles (a kill before it is also a failure to report)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: survivor.stderr.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 180
+    while "| 2/" not in "".join(err) and time.monotonic() < deadline:  # two cycles done: past the rendezvous
+        time.sleep(0.2)
     victim.send_signal(signal.SIGKILL)
     started = time.monotonic()
     try:
-        _, err = survivor.communicate(timeout=90)
+        survivor.wait(timeout=90)
     finally:
         survivor.kill()
-    assert survivor.returncode == 1
+    reader.join(timeout=10)
+    message = "".join(err)
+    assert survivor.returncode == 1, message[-2000:]
     assert time.monotonic() - started < 60
-    assert "rank 0: lost contact with the other ranks" in err
+    assert "rank 0: lost contact with the other ranks" in message
     assert not (tmp_path / "out").exists()  # no summary from a broken run
 
 
