@@ -70,7 +70,7 @@ def _rendezvous_address(launch: Launch) -> str:
             host, port = socket.gethostname(), str(free_port)
         host, port = MPI.COMM_WORLD.bcast((host, port), root=0)
     if host is None:
-        raise RuntimeError(f"{launch.launcher} started {launch.world} ranks but MASTER_ADDR is not set; "
+        raise ValueError(f"{launch.launcher} started {launch.world} ranks but MASTER_ADDR is not set; "
                            "export MASTER_ADDR (rank 0's host) and MASTER_PORT")
     return f"tcp://{host}:{port or 29500}"
 

@@ -274,7 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, FloatingPointError) as err:
         print(f"da_plugin.scale: rank {launch.rank}: error: {err}", file=sys.stderr)
         return 1
-    except (RuntimeError, dist.DistError) as err:  # a peer died, hung past timeout_s, or the rendezvous failed
+    except torch.OutOfMemoryError as err:
+        print(f"da_plugin.scale: rank {launch.rank}: out of memory ({str(err).splitlines()[0]}); lower "
+              f"forecast_chunk or spread model.dim over more ranks", file=sys.stderr)
+        return 1
+    except (RuntimeError, dist.DistError) as err:  # gloo/NCCL: a peer died or hung past timeout_s, or no rendezvous
         print(f"da_plugin.scale: rank {launch.rank}: lost contact with the other ranks "
               f"(timeout_s={config.timeout_s:g}): {str(err).splitlines()[0]}", file=sys.stderr)
         return 1

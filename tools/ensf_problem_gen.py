@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"ensf_problem_gen: rank {launch.rank}: error: {err}", file=sys.stderr)
         return 1
-    except (RuntimeError, dist.DistError) as err:
+    except (RuntimeError, dist.DistError) as err:  # gloo: a peer died or hung past --timeout-s
         print(f"ensf_problem_gen: rank {launch.rank}: lost contact with the other ranks: {str(err).splitlines()[0]}",
               file=sys.stderr)
         if launch.rank == 0:
