@@ -68,6 +68,8 @@ class RunConfig:
     peak_tflops: Optional[float] = None
     """Per-device peak for MFU; default 989 (H100 bf16 dense) on CUDA, none on CPU."""
     progress: bool = True
+    compile_blocks: bool = False
+    """torch.compile each transformer block (fuses its elementwise work; the first steps compile)."""
 
 
 @dataclass

@@ -22,7 +22,7 @@ from megavit.checkpoint import read_layout, resolve_tag, write_layout
 from megavit.config import to_dict
 from megavit.data import SQGShards, SyntheticFrames
 from megavit.model.pipeline import build_chain, build_pipeline
-from megavit.model.vit import flops_per_sample, mse_loss
+from megavit.model.vit import Block, flops_per_sample, mse_loss
 from megavit.parallel import DeepSpeedMPU, ParallelDims, Topology
 from megavit.parallel.layers import sequence_parallel_grad_hooks
 from megavit.training.config import TrainConfig
@@ -110,11 +110,15 @@ class Trainer:
     def _build_model(self, config: TrainConfig) -> torch.nn.Module:
         parallel = dict(group=self.topology.tp_group, seed=config.train.seed)
         if config.uses_pipeline:
-            return build_pipeline(config.model, self.dims, partition_method=config.parallel.partition_method,
-                                  **parallel)
-        model = build_chain(config.model, self.dims, **parallel)
-        if self.dims.sp_enabled:  # partial LayerNorm/bias grads summed over TP before ZeRO partitions them
-            sequence_parallel_grad_hooks(model, self.topology.tp_group)
+            model = build_pipeline(config.model, self.dims, partition_method=config.parallel.partition_method,
+                                   **parallel)
+        else:
+            model = build_chain(config.model, self.dims, **parallel)
+            if self.dims.sp_enabled:  # partial LayerNorm/bias grads summed over TP before ZeRO partitions them
+                sequence_parallel_grad_hooks(model, self.topology.tp_group)
+        if config.train.compile_blocks:
+            for block in (m for m in model.modules() if isinstance(m, Block)):
+                block.compile()
         return model
 
     def _datasets(self, config: TrainConfig) -> tuple[Dataset, Dataset]:
