@@ -25,7 +25,7 @@ import torch.distributed as dist
 from da_plugin.counter_rng import counter_normal
 from da_plugin.filters.ensf import EnSF
 from da_plugin.filters.ensf_fused import fused_reverse_sde
-from da_plugin.models.lorenz96 import rk4
+from da_plugin.models.integrate import rk4
 from da_plugin.obs import ObservationOperator
 
 HALO_LEFT, HALO_RIGHT = 2, 1  # neighbours the Lorenz-96 tendency reads on each side

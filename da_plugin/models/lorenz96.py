@@ -7,23 +7,15 @@ any d >= 4, on CPU or GPU, in the tensor's own dtype; integrated with classical 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
+
+from da_plugin.models.integrate import rk4
 
 
 def tendency(x: torch.Tensor, forcing: float) -> torch.Tensor:
     """dx/dt for states ``x`` of shape ``[..., d]``."""
     return (x.roll(-1, -1) - x.roll(2, -1)) * x.roll(1, -1) - x + forcing
-
-
-def rk4(rhs: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dt: float) -> torch.Tensor:
-    """One classical Runge-Kutta-4 step of length ``dt`` for dx/dt = rhs(x)."""
-    k1 = rhs(x)
-    k2 = rhs(x + 0.5 * dt * k1)
-    k3 = rhs(x + 0.5 * dt * k2)
-    k4 = rhs(x + dt * k3)
-    return x + (dt / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
 
 
 @dataclass

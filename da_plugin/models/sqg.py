@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from da_plugin.models.integrate import rk4
+
 DAY = 86400.0
 SQGTURB_JACOBIAN_FACTOR = 2.25  # (3/2)^2: sqgturb's padded-grid FFT normalization, docs/sqg.md
 INIT_NOISE_PV = 100.0  # m/s: std of sqgturb's white-noise initial state (x s = 0.31 K)
@@ -188,11 +190,7 @@ def tendency(theta_hat: torch.Tensor, ops: SpectralOperators) -> torch.Tensor:
 
 def rk4_step(theta_hat: torch.Tensor, ops: SpectralOperators, dt: float) -> torch.Tensor:
     """One RK4 step of ``tendency``, then the hyperdiffusion integrating factor (as sqgturb)."""
-    k1 = tendency(theta_hat, ops)
-    k2 = tendency(theta_hat + 0.5 * dt * k1, ops)
-    k3 = tendency(theta_hat + 0.5 * dt * k2, ops)
-    k4 = tendency(theta_hat + dt * k3, ops)
-    return ops.hyperdiff * (theta_hat + (dt / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4))
+    return ops.hyperdiff * rk4(lambda spec: tendency(spec, ops), theta_hat, dt)
 
 
 def _pad(spec: torch.Tensor, ops: SpectralOperators) -> torch.Tensor:
