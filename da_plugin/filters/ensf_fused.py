@@ -17,7 +17,7 @@ unobserved) per variable. Without a GPU the kernel runs in Triton's interpreter
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
