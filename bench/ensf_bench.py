@@ -120,7 +120,7 @@ def main() -> None:
         check_accuracy(ensf, device, dtype)
         print(f"{'device':>6} {'d':>11} {'N':>3} {'K':>4} {'EnSF best':>10} {'EnSF med':>10} "
               f"{'loop best':>11} {'loop med':>11} {'speedup':>8} {'GB/s':>7} {'peak mem':>14}   (times in ms/analysis)")
-        for d in args.dims or (CPU_DIMS if name == "cpu" else GPU_DIMS):
+        for d in args.dims or (CPU_DIMS if device.type == "cpu" else GPU_DIMS):
             print(bench_row(ensf, d, device, dtype, args), flush=True)
 
 
