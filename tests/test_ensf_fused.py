@@ -13,7 +13,8 @@ pytest.importorskip("triton")
 
 from da_plugin.counter_rng import box_muller, counter_normal, pair_key, splitmix64  # noqa: E402
 from da_plugin.filters.ensf import EnSF  # noqa: E402
-from da_plugin.filters.ensf_fused import check_fusable, fused_reverse_sde  # noqa: E402
+from da_plugin.filters import ensf_fused  # noqa: E402
+from da_plugin.filters.ensf_fused import check_fusable, fused_reverse_sde, scaled_coefficients  # noqa: E402
 from da_plugin.obs import ObservationOperator  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,6 +41,75 @@ def test_fused_kernel_matches_the_torch_reverse_sde(prior_score, operator, indic
     # float32 with different log/cos/atan implementations: agreement to a few ulps of |z| ~ 10
     torch.testing.assert_close(fused, reference, rtol=0, atol=2e-5)
     assert (fused - forecast).abs().mean() > 0.1  # the analysis moved the members
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_short_runs_take_the_draws_the_torch_path_takes(steps):
+    # the kernel's first step, its paired loop and its last unpaired step each come into play
+    forecast, y, obs = problem("arctan", torch.arange(DIM))
+    ensf = EnSF(ensemble_size=MEMBERS, steps=steps, backend="torch")
+    reference = ensf.reverse_sde(forecast, y, obs,
+                                 noise=lambda k: counter_normal(4, k, MEMBERS, 0, DIM, DIM, device=DEVICE))
+    torch.testing.assert_close(fused_reverse_sde(ensf, forecast, y, obs, seed=4), reference, rtol=0, atol=2e-5)
+
+
+def test_the_scaled_table_reproduces_the_schedule():
+    # w = z / s_k through the table's rows gives the plain recurrence z' = keep z + center c + L(z) + noise xi
+    schedule = EnSF(steps=7).schedule()
+    table = scaled_coefficients(schedule, arctan=True).double()
+    gen = torch.Generator().manual_seed(0)
+    z, center, draws = torch.randn(50, generator=gen), torch.randn(50, generator=gen), torch.randn(7, 50, generator=gen)
+    score = torch.sin  # any score: the table scales the arctan score by s_k^2
+    plain, w = z.clone(), z * table[0, 1]
+    for k, step in enumerate(schedule):
+        plain = step.keep * plain + step.center * center + step.likelihood * score(plain) + step.noise * draws[k]
+        scale, _, _, keep, centre, likelihood = table[k].tolist()
+        w = keep * w + centre * center + likelihood * scale**2 * score(scale * w) + draws[k]
+    torch.testing.assert_close(w * table[7, 0], plain, rtol=1e-6, atol=1e-6)
+
+
+if ensf_fused.triton is not None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _arctan_score_kernel(out_ptr, w_ptr, scale, y_precision, precision, n, FAST: tl.constexpr):
+        i = tl.arange(0, 1024)
+        w = tl.load(w_ptr + i, mask=i < n, other=0.0)
+        out = ensf_fused._arctan_score(w, 1.0 / scale, 1.0 / (scale * scale), y_precision, precision, FAST)
+        tl.store(out_ptr + i, out, mask=i < n)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.1, 0.03])
+@pytest.mark.parametrize("y", [2.0, 0.0])
+def test_arctan_score_is_accurate_from_tiny_to_huge_states(scale, y):
+    magnitudes = torch.logspace(-30, 20, 300, dtype=torch.float64)
+    z = torch.cat([magnitudes, -magnitudes, torch.linspace(-10, 10, 301, dtype=torch.float64)])
+    z = z.float().double()  # values a float32 state holds
+    precision = 400.0
+    w = (z / scale).float().to(DEVICE)
+    out = torch.empty_like(w)
+    _arctan_score_kernel[(1,)](out, w, scale, y * precision, precision, len(w), FAST=not ensf_fused._INTERPRETED)
+    exact = scale**2 * precision * (y - torch.atan(z)) / (1.0 + z * z)
+    error = (out.double().cpu() - exact).abs()
+    # to a few float32 ulps, relative: y = 0 tests atan itself, down to tiny z
+    moderate = z.abs() <= 1e17
+    relative = error[moderate] / exact[moderate].abs()
+    assert relative.max() < 2e-6, f"worst relative error {relative.max():.2e} at z = {z[moderate][relative.argmax()]:.3g}"
+    # beyond, up to the range the kernel accepts, (1 + z^2) / s^2 may saturate; the score stays
+    # negligible, as it should be
+    huge = ~moderate & (z.abs() <= ensf_fused.ARCTAN_RANGE)
+    assert error[huge].max() < 1e-12 * scale**2 * precision
+
+
+def test_a_diverged_forecast_is_refused_by_the_arctan_kernel_only():
+    forecast, y, obs = problem("arctan", torch.arange(DIM))
+    forecast[1, 7] = 3e20
+    ensf = EnSF(ensemble_size=MEMBERS, steps=STEPS)
+    with pytest.raises(ValueError, match=r"3e\+20.*diverged"):
+        fused_reverse_sde(ensf, forecast, y, obs, seed=1)
+    identity = ObservationOperator("identity", 0.5, torch.arange(DIM), DIM)
+    assert torch.isfinite(fused_reverse_sde(ensf, forecast, y, identity, seed=1)).all()
 
 
 def test_a_slab_and_a_block_of_members_draw_the_numbers_of_the_whole_state():

@@ -5,8 +5,13 @@ steps using only its own forecast value and the observation of variable k, so a 
 can keep z in registers for the whole analysis and draw every normal in place from the
 counter-based generator of :mod:`da_plugin.counter_rng` (the numbers the torch path with
 ``counter_normal`` noise uses). Memory traffic is then the floor, 4 bytes x (2 N d + 2 d), and
-the time is set by the random numbers and the arithmetic. The mixture score needs an N x N
-reduction over the whole state between steps, so it runs the same kernel one step at a time.
+the time is set by the random numbers and the arithmetic, which is kept to about 21 operations
+per step: the arctan score needs no branches and one reciprocal and one reciprocal square root
+(:func:`_arctan_score`), and the kernel carries z scaled so that each step adds its normal draw
+unscaled (:func:`scaled_coefficients`). ``bench/ensf_fused_bench.py`` times it against its
+floors on a GPU; ``bench/ensf_fused_sass.py`` counts its instructions on any machine. The mixture
+score needs an N x N reduction over the whole state between steps, so it runs the same kernel
+one step at a time.
 
 Only componentwise observation operators (identity, arctan of observed variables) fuse; they
 are given to the kernel as a dense observation and precision (1/sigma^2, or 0 where
@@ -25,7 +30,7 @@ from da_plugin.counter_rng import pair_key
 from da_plugin.obs import ObservationOperator
 
 if TYPE_CHECKING:
-    from da_plugin.filters.ensf import EnSF
+    from da_plugin.filters.ensf import EnSF, Step
 
 try:
     import triton
@@ -87,25 +92,51 @@ def fused_reverse_sde(ensf: EnSF, forecast: torch.Tensor, y: torch.Tensor, obs: 
     forecast = forecast.contiguous()
     values, precision = dense_observations(obs, y, width, forecast.device)
     schedule = ensf.schedule()
-    coefficients = torch.tensor([[s.keep, s.center, s.likelihood, s.noise] for s in schedule],
-                                dtype=torch.float32, device=forecast.device)
+    # two float32 per 64-bit word: the kernel loads a step's six coefficients in three loads
+    coefficients = scaled_coefficients(schedule, obs.operator == "arctan").view(torch.int64).to(forecast.device)
     keys = torch.tensor([pair_key(seed, first_draw // 2 + pair) for pair in range(ensf.steps // 2 + 1)],
                         dtype=torch.int64, device=forecast.device)
     z = torch.empty_like(forecast)
+    largest = torch.zeros(1, dtype=torch.float32, device=forecast.device)  # the kernel's max |forecast|
 
     def launch(center: torch.Tensor, step: int, whole_run: bool, steps: int) -> None:
         _reverse_sde_kernel[(triton.cdiv(width, BLOCK), members)](
-            z, center, values, precision, keys, coefficients, width, dim or width, col_offset, row_offset, step,
-            ARCTAN=obs.operator == "arctan", WHOLE_RUN=whole_run, STEPS=steps, FAST=not _INTERPRETED,
-            BLOCK=BLOCK, num_warps=NUM_WARPS)
+            z, center, values, precision, keys, coefficients, largest, width, dim or width, col_offset, row_offset,
+            step, ARCTAN=obs.operator == "arctan", WHOLE_RUN=whole_run, STEPS=steps, FAST=not _INTERPRETED,
+            BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=True)
 
     if ensf.prior_score == "one_to_one":
         launch(forecast, 0, True, ensf.steps)
-        return z
-    launch(forecast, 0, True, 0)  # z at t = 1 only
-    for k, step in enumerate(schedule):
-        launch(ensf._mixture_mean(z, forecast, step.alpha, step.sigma2, sum_over_state), k, False, 1)
+    else:
+        launch(forecast, 0, True, 0)  # z at t = 1 only
+        for k, step in enumerate(schedule):
+            launch(ensf._mixture_mean(z, forecast, step.alpha, step.sigma2, sum_over_state), k, False, 1)
+    if obs.operator == "arctan" and not float(largest) <= ARCTAN_RANGE:  # NaN fails too
+        raise ValueError(f"the forecast holds |x| up to {float(largest):.3g}, beyond the fused arctan score's "
+                         f"range ({ARCTAN_RANGE:.0e}): has the model diverged? filter.backend=torch takes any value")
     return z
+
+
+ARCTAN_RANGE = 1e18  # |forecast| the fused arctan score handles (see _arctan_score)
+
+
+def scaled_coefficients(schedule: list[Step], arctan: bool) -> torch.Tensor:
+    """The kernel's per-step table ``[K + 1, 6]`` (s_k, 1/s_k, 1/s_k^2, keep', center', likelihood').
+
+    The kernel carries w = z / s_k, not z. With s_0 = 1 and s_{k+1} = noise_k (never 0), step k
+    maps w to keep' w + center' c + likelihood' L' + xi: the normal draw enters with coefficient
+    1, which saves a multiply per step. L' is the arctan
+    score times s_k^2 (what :func:`_arctan_score` returns) or the identity score. Row K holds
+    s_K, which turns the last w back into z.
+    """
+    scale = [1.0] + [step.noise for step in schedule]
+    rows = []
+    for k, step in enumerate(schedule):
+        now, after = scale[k], scale[k + 1]
+        likelihood = step.likelihood / after / (now * now if arctan else 1.0)
+        rows.append([now, 1.0 / now, 1.0 / (now * now), step.keep * now / after, step.center / after, likelihood])
+    rows.append([scale[-1], 1.0 / scale[-1], 1.0 / scale[-1] ** 2, 0.0, 0.0, 0.0])
+    return torch.tensor(rows, dtype=torch.float64).to(torch.float32)
 
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter lacks the fast-math intrinsics
@@ -131,62 +162,97 @@ if triton is not None:
         return radius * tl.cos(angle), radius * tl.sin(angle)
 
     @triton.jit
-    def _divide(numerator, denominator, FAST: tl.constexpr):
-        """numerator / denominator; FAST: the SFU reciprocal (2 ulp) instead of the IEEE division."""
+    def _reciprocal(x, FAST: tl.constexpr):
+        """1 / x; FAST: the SFU's approximate reciprocal (1 ulp) alone, instead of the IEEE division."""
         if FAST:
-            return libdevice.fast_dividef(numerator, denominator)
-        return numerator / denominator
+            return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        return 1.0 / x
 
     @triton.jit
-    def _atan(x, FAST: tl.constexpr):
-        """float32 arctangent: reduction to |r| <= tan(pi/8) (one division) and the Cephes atanf polynomial."""
-        ax = tl.abs(x)
-        big = ax > 2.414213562373095  # tan(3 pi / 8): atan(ax) = pi/2 + atan(-1/ax)
-        mid = ax > 0.41421356237309503  # tan(pi / 8): atan(ax) = pi/4 + atan((ax-1)/(ax+1))
-        r = _divide(tl.where(big, -1.0, tl.where(mid, ax - 1.0, ax)),
-                    tl.where(big, ax, tl.where(mid, ax + 1.0, 1.0)), FAST)
-        base = tl.where(big, 1.5707963267948966, tl.where(mid, 0.7853981633974483, 0.0))
-        r2 = r * r
-        poly = (((8.05374449538e-2 * r2 - 1.38776856032e-1) * r2 + 1.99777106478e-1) * r2
-                - 3.33329491539e-1) * r2 * r + r
-        return tl.where(x < 0, -(base + poly), base + poly)
+    def _arctan_score(w, inv_scale, inv_scale2, y_precision, precision, FAST: tl.constexpr):
+        """s^2 precision (y - atan z) / (1 + z^2) at z = s w, in 19 operations.
 
-    @triton.jit
-    def _sde_step(z, center, y, precision, coef_ptr, k, xi, ARCTAN: tl.constexpr, FAST: tl.constexpr):
-        """Step k of the schedule: keep z + center c + likelihood L(z) + noise xi."""
-        if ARCTAN:
-            score = precision * _divide(y - _atan(z, FAST), 1.0 + z * z, FAST)
+        With q = (1 + z^2) / s^2 and r = 1 / sqrt(q), s^2 / (1 + z^2) is r^2, and the half-angle
+        identity atan z = 2 atan t, t = z / (1 + sqrt(1 + z^2)) = w / (q r + 1/s), brings every z
+        to |t| <= 1 without branches. There an odd polynomial of degree 15 (minimax in relative
+        error, coefficients doubled) gives 2 atan t to 2.1e-7 relative, 2.8e-7 absolute, in
+        float32. One SFU reciprocal square root and one reciprocal serve both factors. q rounds
+        down to the largest float instead of overflowing, so the score stays finite and negligible
+        up to |z| of about 1e20 s; the caller refuses forecasts beyond ARCTAN_RANGE.
+        """
+        if FAST:
+            q = libdevice.fma_rz(w, w, inv_scale2)
         else:
-            score = precision * (y - z)
-        return (tl.load(coef_ptr + 4 * k) * z + tl.load(coef_ptr + 4 * k + 1) * center
-                + tl.load(coef_ptr + 4 * k + 2) * score + tl.load(coef_ptr + 4 * k + 3) * xi)
+            q = tl.minimum(tl.fma(w, w, inv_scale2), 3.4028234663852886e38)
+        r = tl.rsqrt(q)
+        t = w * _reciprocal(tl.fma(q, r, inv_scale), FAST)
+        t2 = t * t
+        poly = tl.fma(t2, -0.00938655249774456, 0.04850480705499649)
+        poly = tl.fma(t2, poly, -0.1189727857708931)
+        poly = tl.fma(t2, poly, 0.19828586280345917)
+        poly = tl.fma(t2, poly, -0.28038960695266724)
+        poly = tl.fma(t2, poly, 0.3993944823741913)
+        poly = tl.fma(t2, poly, -0.6666398048400879)
+        poly = tl.fma(t2, poly, 1.999999761581421)
+        return tl.fma(-precision, t * poly, y_precision) * (r * r)
 
     @triton.jit
-    def _reverse_sde_kernel(z_ptr, center_ptr, y_ptr, precision_ptr, keys_ptr, coef_ptr,
+    def _pair(ptr):
+        """The two float32 packed in the 64-bit word at ptr (one load instead of two)."""
+        bits = tl.load(ptr).to(tl.uint64, bitcast=True)
+        return ((bits & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True),
+                (bits >> 32).to(tl.uint32).to(tl.float32, bitcast=True))
+
+    @triton.jit
+    def _sde_step(w, center, y_precision, precision, coef_ptr, k, xi, ARCTAN: tl.constexpr, FAST: tl.constexpr):
+        """Step k on w = z / s_k (see scaled_coefficients): keep' w + center' c + likelihood' L' + xi."""
+        scale, inv_scale = _pair(coef_ptr + 3 * k)
+        inv_scale2, keep = _pair(coef_ptr + 3 * k + 1)
+        center_coef, likelihood = _pair(coef_ptr + 3 * k + 2)
+        if ARCTAN:
+            score = _arctan_score(w, inv_scale, inv_scale2, y_precision, precision, FAST)
+        else:
+            score = tl.fma(-precision, w * scale, y_precision)
+        return tl.fma(likelihood, score, tl.fma(keep, w, center_coef * center)) + xi
+
+    @triton.jit
+    def _reverse_sde_kernel(z_ptr, center_ptr, y_ptr, precision_ptr, keys_ptr, coef_ptr, largest_ptr,
                             width, dim, col_offset, row_offset, step,
                             ARCTAN: tl.constexpr, WHOLE_RUN: tl.constexpr, STEPS: tl.constexpr,
                             FAST: tl.constexpr, BLOCK: tl.constexpr):
         """One member (row) and BLOCK columns. WHOLE_RUN: draw z at t = 1, then steps [0, STEPS)
-        with z in registers; else the single step ``step`` on the stored z."""
+        with w = z / s_k in registers; else the single step ``step`` on the stored z. ARCTAN and
+        WHOLE_RUN: also raise ``largest`` to the largest |centre| seen."""
         row = tl.program_id(1).to(tl.int64)
         cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = cols < width
         offsets = row * width + cols
         center = tl.load(center_ptr + offsets, mask=inside, other=0.0)
-        y = tl.load(y_ptr + cols, mask=inside, other=0.0)
         precision = tl.load(precision_ptr + cols, mask=inside, other=0.0)
+        y_precision = precision * tl.load(y_ptr + cols, mask=inside, other=0.0)
         counter = ((row + row_offset) * dim + col_offset + cols).to(tl.uint64, bitcast=True)
         if WHOLE_RUN:
-            # step k uses draw k + 1: steps 2j and 2j + 1 take the sine of pair j and the cosine of pair j + 1
-            z, spare = _polar(counter, keys_ptr, FAST)
-            for j in range(STEPS // 2):
-                z = _sde_step(z, center, y, precision, coef_ptr, 2 * j, spare, ARCTAN, FAST)
-                even, spare = _polar(counter, keys_ptr + j + 1, FAST)
-                z = _sde_step(z, center, y, precision, coef_ptr, 2 * j + 1, even, ARCTAN, FAST)
-            if STEPS % 2 == 1:
-                z = _sde_step(z, center, y, precision, coef_ptr, STEPS - 1, spare, ARCTAN, FAST)
+            if ARCTAN:
+                tl.atomic_max(largest_ptr, tl.max(tl.abs(center), axis=0))
+            # step k uses draw k + 1; each pair's two draws go to steps of one loop pass, so the
+            # products r cos and r sin fuse into the updates
+            z, first = _polar(counter, keys_ptr, FAST)
+            w = z * _pair(coef_ptr)[1]
+            if STEPS >= 1:
+                w = _sde_step(w, center, y_precision, precision, coef_ptr, 0, first, ARCTAN, FAST)
+            for j in tl.range((STEPS - 1) // 2, loop_unroll_factor=2):  # steps 2j + 1 and 2j + 2 take pair j + 1
+                even, odd = _polar(counter, keys_ptr + j + 1, FAST)
+                w = _sde_step(w, center, y_precision, precision, coef_ptr, 2 * j + 1, even, ARCTAN, FAST)
+                w = _sde_step(w, center, y_precision, precision, coef_ptr, 2 * j + 2, odd, ARCTAN, FAST)
+            if STEPS >= 2 and STEPS % 2 == 0:  # the last step, K - 1, takes the cosine of pair K / 2
+                even, odd = _polar(counter, keys_ptr + STEPS // 2, FAST)
+                w = _sde_step(w, center, y_precision, precision, coef_ptr, STEPS - 1, even, ARCTAN, FAST)
+            z = w * _pair(coef_ptr + 3 * STEPS)[0]
         else:
-            z = tl.load(z_ptr + offsets, mask=inside, other=0.0)
+            w = tl.load(z_ptr + offsets, mask=inside, other=0.0) * _pair(coef_ptr + 3 * step)[1]
             even, odd = _polar(counter, keys_ptr + (step + 1) // 2, FAST)
-            z = _sde_step(z, center, y, precision, coef_ptr, step, tl.where(step % 2 == 0, odd, even), ARCTAN, FAST)
+            w = _sde_step(w, center, y_precision, precision, coef_ptr, step, tl.where(step % 2 == 0, odd, even),
+                          ARCTAN, FAST)
+            z = w * _pair(coef_ptr + 3 * (step + 1))[0]
         tl.store(z_ptr + offsets, z, mask=inside)
