@@ -10,6 +10,8 @@ holding any slab, or a GPU kernel generating the numbers in registers
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -36,39 +38,67 @@ def pair_key(seed: int, pair: int) -> int:
     return _signed(splitmix64((seed * 1_000_003 + pair) & _MASK64))
 
 
-def _logical_shift(z: torch.Tensor, bits: int) -> torch.Tensor:
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
+def _chunk_size(device: torch.device) -> int:
+    """Entries hashed per block: cache-sized on CPUs, where scratch buffers are reused in place
+    (whole-row temporaries cost more in page faults than the hash itself), a row on GPUs."""
+    return 1 << 18 if device.type == "cpu" else 1 << 26
 
 
-def _splitmix64_tensor(z: torch.Tensor) -> torch.Tensor:
-    """SplitMix64 on int64 tensors (wrapping arithmetic, logical shifts)."""
-    z = z + _signed(_GOLDEN)
-    z = (z ^ _logical_shift(z, 30)) * _signed(_MIX1)
-    z = (z ^ _logical_shift(z, 27)) * _signed(_MIX2)
-    return z ^ _logical_shift(z, 31)
+def _logical_shift(bits: torch.Tensor, shift: int, out: torch.Tensor) -> torch.Tensor:
+    """bits >> shift as unsigned 64-bit values, into ``out``."""
+    return torch.bitwise_right_shift(bits, shift, out=out).bitwise_and_((1 << (64 - shift)) - 1)
 
 
-def box_muller(bits: torch.Tensor, dtype: torch.dtype, odd: bool) -> torch.Tensor:
-    """The even (cosine) or odd (sine) normal of the pair from 64-bit words: radius from the
-    high half, angle in (-pi, pi) from the low half."""
+def _polar_blocks(seed: int, pair: int, rows: int, start: int, stop: int, dim: int, compute: torch.dtype,
+                  device: torch.device, row_offset: int) -> Iterator[tuple[int, slice, torch.Tensor, torch.Tensor]]:
+    """(row, columns, radius, angle) of pair ``pair``, block by block; the tensors are reused."""
+    width = stop - start
+    chunk = max(1, min(_chunk_size(device), width))
+    key = pair_key(seed, pair)
+    offsets = torch.arange(chunk, dtype=torch.int64, device=device)
+    word, scratch = torch.empty_like(offsets), torch.empty_like(offsets)
+    radius, angle = torch.empty(chunk, dtype=compute, device=device), torch.empty(chunk, dtype=compute, device=device)
+    for row in range(rows):
+        for first in range(0, width, chunk):
+            size = min(chunk, width - first)
+            bits, spare, r, theta = word[:size], scratch[:size], radius[:size], angle[:size]
+            torch.add(offsets[:size], (row_offset + row) * dim + start + first, out=bits)
+            bits.bitwise_xor_(key).add_(_signed(_GOLDEN))  # SplitMix64 in wrapping int64 arithmetic
+            for shift, multiplier in ((30, _MIX1), (27, _MIX2)):
+                bits.bitwise_xor_(_logical_shift(bits, shift, spare)).mul_(_signed(multiplier))
+            bits.bitwise_xor_(_logical_shift(bits, 31, spare))
+            r.copy_(_logical_shift(bits, 32, spare)).add_(0.5).mul_(2.0**-32)  # in (0, 1]: the log never sees 0
+            r.log_().mul_(-2.0).sqrt_()
+            theta.copy_(bits.bitwise_and_(0xFFFFFFFF)).add_(0.5).mul_(2.0**-32).sub_(0.5).mul_(2.0 * torch.pi)
+            yield row, slice(first, first + size), r, theta
+
+
+def counter_normal_pair(seed: int, pair: int, rows: int, start: int, stop: int, dim: int,
+                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        row_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws 2 pair and 2 pair + 1, ``[rows, stop - start]`` each (see :func:`counter_normal`),
+    from one hash per entry: half the work of drawing them one at a time."""
+    device = torch.device(device)
+    even = torch.empty(rows, stop - start, dtype=dtype, device=device)
+    odd = torch.empty_like(even)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    high = _logical_shift(bits, 32).to(compute)
-    low = (bits & 0xFFFFFFFF).to(compute)
-    u_radius = (high + 0.5) * 2.0**-32  # in (0, 1]: the log never sees 0
-    angle = ((low + 0.5) * 2.0**-32 - 0.5) * (2.0 * torch.pi)
-    return (torch.sqrt(-2.0 * torch.log(u_radius)) * (torch.sin(angle) if odd else torch.cos(angle))).to(dtype)
+    for row, columns, radius, angle in _polar_blocks(seed, pair, rows, start, stop, dim, compute, device, row_offset):
+        torch.mul(radius, torch.cos(angle), out=even[row, columns])
+        torch.mul(radius, angle.sin_(), out=odd[row, columns])
+    return even, odd
 
 
 def counter_normal(seed: int, stream: int, rows: int, start: int, stop: int, dim: int,
                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                    row_offset: int = 0) -> torch.Tensor:
-    """Standard normals ``[rows, stop - start]`` for rows ``row_offset + [0, rows)`` and global
-    variables [start, stop) of a ``dim``-variable state; each entry depends only on
+    """Standard normals ``[rows, stop - start]`` of draw ``stream`` for rows ``row_offset + [0, rows)``
+    and global variables [start, stop) of a ``dim``-variable state; each entry depends only on
     (seed, stream, row, variable), never on the slab or the rank."""
-    index = torch.arange(start, stop, dtype=torch.int64, device=device)
-    key = pair_key(seed, stream // 2)
+    device = torch.device(device)
     out = torch.empty(rows, stop - start, dtype=dtype, device=device)
-    for row in range(rows):  # a row at a time: the int64 temporaries stay at a few copies of one row
-        counter = (row_offset + row) * dim + index
-        out[row] = box_muller(_splitmix64_tensor(counter ^ key), dtype, odd=stream % 2 == 1)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    odd = stream % 2 == 1
+    for row, columns, radius, angle in _polar_blocks(seed, stream // 2, rows, start, stop, dim, compute, device,
+                                                     row_offset):
+        torch.mul(radius, angle.sin_() if odd else angle.cos_(), out=out[row, columns])
     return out

@@ -22,7 +22,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from da_plugin.counter_rng import counter_normal
+from da_plugin.counter_rng import counter_normal_pair
 from da_plugin.filters.ensf import EnSF
 from da_plugin.filters.ensf_fused import fused_reverse_sde
 from da_plugin.models.integrate import rk4
@@ -160,11 +160,16 @@ def ensf_analysis(ensf: EnSF, forecast: torch.Tensor, y: torch.Tensor, obs: Obse
     run with the same seed.
     """
     members = forecast.shape[0]
-    first_draw = cycle * ensf.noise_draws
+    first_draw = cycle * ensf.noise_draws  # even: draws 2p and 2p + 1 share a hash
+    pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def noise(draw: int) -> torch.Tensor:
-        return counter_normal(seed, first_draw + draw, members, slab.start, slab.stop, slab.dim, forecast.dtype,
-                              forecast.device)
+        pair, odd = divmod(first_draw + draw, 2)
+        if pair not in pairs:  # the reverse SDE asks for draws in order: keep only the current pair
+            pairs.clear()
+            pairs[pair] = counter_normal_pair(seed, pair, members, slab.start, slab.stop, slab.dim, forecast.dtype,
+                                              forecast.device)
+        return pairs[pair][odd]
 
     def sum_over_ranks(partial: torch.Tensor) -> torch.Tensor:
         if dist.is_initialized() and dist.get_world_size(group) > 1:

@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from da_plugin.distributed import Slab, counter_normal, ensf_analysis, exchange_halo, rk4_step
+from da_plugin.counter_rng import counter_normal
+from da_plugin.distributed import Slab, ensf_analysis, exchange_halo, rk4_step
 from da_plugin.filters import EnSF
 from da_plugin.models import Lorenz96
 from da_plugin.obs import ObservationOperator

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from da_plugin.counter_rng import box_muller, counter_normal, pair_key, splitmix64  # noqa: E402
+from da_plugin.counter_rng import counter_normal, counter_normal_pair, pair_key, splitmix64  # noqa: E402
 from da_plugin.filters.ensf import EnSF  # noqa: E402
 from da_plugin.filters import ensf_fused  # noqa: E402
 from da_plugin.filters.ensf_fused import check_fusable, fused_reverse_sde, scaled_coefficients  # noqa: E402
@@ -132,17 +132,21 @@ def test_counter_normals_are_standard_normal_and_keyed_by_stream():
 
 
 def test_hash_and_box_muller_against_python_integers():
-    # the tensor SplitMix64 (wrapping int64) equals the exact Python-integer one, bit for bit
-    counters = [0, 1, 12345, 2**40 + 7]
-    key = pair_key(3, 2)  # draws 4 and 5
-    expected = [splitmix64(c ^ (key % 2**64)) for c in counters]
-    words = torch.tensor([e - 2**64 if e >= 2**63 else e for e in expected[:3]], dtype=torch.int64)
-    for draw, odd in [(4, False), (5, True)]:
-        normals = counter_normal(3, draw, 1, 0, 12346, 12346, torch.float64)[0, [0, 1, 12345]]
-        torch.testing.assert_close(normals, box_muller(words, torch.float64, odd), rtol=0, atol=0)
-    # the two draws of a pair are r cos and r sin of one angle
-    squared_radius = sum(counter_normal(3, draw, 1, 0, 2, 2, torch.float64)[0, 1] ** 2 for draw in (4, 5))
-    assert squared_radius.item() == pytest.approx(-2.0 * math.log(((expected[1] >> 32) + 0.5) * 2.0**-32), rel=1e-12)
+    # SplitMix64 and Box-Muller in exact Python integers and floats, entry by entry, on a slab of
+    # rows near counter 2^40 that spans two of the generator's blocks (2^18 entries on CPUs)
+    key = pair_key(3, 2) % 2**64  # draws 4 and 5
+    first_row, start, dim = 2_748_779, 5, 400_000
+    even, odd = counter_normal_pair(3, 2, 2, start, start + 300_000, dim, torch.float64, row_offset=first_row)
+    for row, column in [(0, 0), (0, 1), (1, 2**18 - 1), (1, 2**18), (0, 299_999)]:
+        bits = splitmix64(((first_row + row) * dim + start + column) ^ key)
+        radius = math.sqrt(-2.0 * math.log(((bits >> 32) + 0.5) * 2.0**-32))
+        angle = (((bits & 0xFFFFFFFF) + 0.5) * 2.0**-32 - 0.5) * 2.0 * math.pi
+        assert even[row, column].item() == pytest.approx(radius * math.cos(angle), rel=1e-13, abs=1e-13)
+        assert odd[row, column].item() == pytest.approx(radius * math.sin(angle), rel=1e-13, abs=1e-13)
+    # drawing one at a time gives the pair's numbers, bit for bit
+    pair = counter_normal_pair(3, 2, 2, 5, 300_005, dim)
+    for draw in (4, 5):
+        torch.testing.assert_close(counter_normal(3, draw, 2, 5, 300_005, dim), pair[draw % 2], rtol=0, atol=0)
 
 
 def test_unfusable_analyses_are_refused_with_the_reason():

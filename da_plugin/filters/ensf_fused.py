@@ -146,7 +146,7 @@ if triton is not None:
 
     @triton.jit
     def _polar(counter, key_ptr, FAST: tl.constexpr):
-        """The Box-Muller pair (r cos, r sin) of counter ^ key, as counter_rng.box_muller computes it."""
+        """The Box-Muller pair (r cos, r sin) of counter ^ key, as counter_rng.counter_normal_pair draws it."""
         bits = counter ^ tl.load(key_ptr).to(tl.uint64, bitcast=True)
         bits = bits + 0x9E3779B97F4A7C15  # SplitMix64
         bits = (bits ^ (bits >> 30)) * 0xBF58476D1CE4E5B9
