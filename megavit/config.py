@@ -14,9 +14,9 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping, TypeVar, Union
+from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -36,23 +36,28 @@ def registry_field(registry: Mapping[str, type], default: str) -> Any:
 
 def load_config(schema: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
     """Read ``path`` (YAML), apply dotted ``overrides`` and build a validated ``schema``."""
+    return build(schema, load_mapping(path, overrides))
+
+
+def load_mapping(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The YAML file ``path`` (none: empty) with dotted ``key=value`` overrides applied, as plain
+    Python containers with interpolations resolved."""
     try:
         data = OmegaConf.load(path) if path is not None else OmegaConf.create({})
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except (OmegaConfBaseException, ValueError) as err:
         raise ConfigError(f"cannot parse config file {path}: {err}") from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
     try:
         merged = OmegaConf.merge(data, OmegaConf.from_dotlist(list(overrides)))
-        plain = OmegaConf.to_container(merged, resolve=True)
+        return OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid override or interpolation: {err}") from None
-    if not isinstance(plain, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return build(schema, plain)
 
 
 def build(schema: type[T], data: Mapping[str, Any], where: str = "") -> T:

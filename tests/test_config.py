@@ -68,3 +68,10 @@ def test_errors_name_the_key(overrides, message):
 def test_missing_file():
     with pytest.raises(ConfigError, match="config file not found: /no/such.yaml"):
         load_config(Outer, "/no/such.yaml")
+
+
+def test_a_file_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- seed: 1\n")
+    with pytest.raises(ConfigError, match="must hold a mapping at the top level"):
+        load_config(Outer, path)

@@ -27,12 +27,10 @@ from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from megavit.config import ConfigError, build
+from megavit.config import ConfigError, build, load_mapping
 from megavit.model.attention import ParallelAttention, check_attention_backend
 from megavit.model.mlp import ParallelMLP
 from megavit.parallel import (
@@ -128,19 +126,10 @@ def load_vit_config(path: str | Path, overrides: Sequence[str] = ()) -> ViTConfi
     wrong = [item for item in overrides if not item.startswith("model.") or "=" not in item]
     if wrong:
         raise ConfigError(f"model overrides must have the form model.key=value, got {wrong}")
-    try:
-        section = OmegaConf.load(path).get("model")
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except (OmegaConfBaseException, ValueError, AttributeError) as err:
-        raise ConfigError(f"cannot parse config file {path}: {err}") from None
+    section = load_mapping(path, overrides).get("model")
     if section is None:
         raise ConfigError(f"config file {path} has no 'model' section")
-    try:
-        merged = OmegaConf.merge(section, OmegaConf.from_dotlist([item[len("model."):] for item in overrides]))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"invalid model override: {err}") from None
-    return build(ViTConfig, OmegaConf.to_container(merged, resolve=True), "model")
+    return build(ViTConfig, section, "model")
 
 
 def patchify(frames: Tensor, patch_size: int) -> Tensor:
