@@ -118,12 +118,15 @@ def sweep(d: int, args: argparse.Namespace) -> None:
     """Fused time over BLOCK and num_warps (module constants of ensf_fused) at state size d."""
     forecast, y, obs = problem(d, args.members)
     ensf = EnSF(ensemble_size=args.members, steps=args.steps, backend="triton")
-    print(f"sweep at d={d:,}: BLOCK num_warps ms")
+    default = ensf_fused.BLOCK, ensf_fused.NUM_WARPS
+    print(f"sweep at d={d:,}: BLOCK num_warps fused ms, RNG floor ms, ratio")
     for block in (256, 512, 1024, 2048):
         for warps in (2, 4, 8):
             ensf_fused.BLOCK, ensf_fused.NUM_WARPS = block, warps
             ms = cuda_ms(lambda: fused_reverse_sde(ensf, forecast, y, obs, seed=1), args.repeats)
-            print(f"  {block:>5} {warps:>3} {ms:>9.2f}", flush=True)
+            floor = rng_floor_ms(forecast, args.steps // 2 + 1, args.repeats)
+            print(f"  {block:>5} {warps:>3} {ms:>9.2f} {floor:>9.2f} {ms / floor:>6.2f}x", flush=True)
+    ensf_fused.BLOCK, ensf_fused.NUM_WARPS = default  # the table below uses the defaults
 
 
 def main() -> None:
