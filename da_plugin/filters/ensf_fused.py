@@ -171,7 +171,7 @@ if triton is not None:
 
     @triton.jit
     def _arctan_score(w, inv_scale, inv_scale2, y_precision, precision, FAST: tl.constexpr):
-        """s^2 precision (y - atan z) / (1 + z^2) at z = s w, in 19 operations.
+        """s^2 precision (y - atan z) / (1 + z^2) at z = s w, in 17 operations.
 
         With q = (1 + z^2) / s^2 and r = 1 / sqrt(q), s^2 / (1 + z^2) is r^2, and the half-angle
         identity atan z = 2 atan t, t = z / (1 + sqrt(1 + z^2)) = w / (q r + 1/s), brings every z
@@ -179,7 +179,8 @@ if triton is not None:
         error, coefficients doubled) gives 2 atan t to 2.1e-7 relative, 2.8e-7 absolute, in
         float32. One SFU reciprocal square root and one reciprocal serve both factors. q rounds
         down to the largest float instead of overflowing, so the score stays finite and negligible
-        up to |z| of about 1e20 s; the caller refuses forecasts beyond ARCTAN_RANGE.
+        up to |w| of about 1e21 (s is at least 0.01 for K up to 1e4); the caller refuses forecasts
+        beyond ARCTAN_RANGE.
         """
         if FAST:
             q = libdevice.fma_rz(w, w, inv_scale2)
