@@ -50,27 +50,42 @@ def cuobjdump() -> str:
     return found
 
 
-def sass(fn, signature: dict[str, str], constants: dict, arch: int, warps: int) -> str:
-    """Disassembly of ``fn`` compiled for sm_<arch> with the given argument types and constants."""
+def sass(fn, signature: dict[str, str], constants: dict, arch: int, warps: int) -> tuple[str, int]:
+    """Disassembly of ``fn`` compiled for sm_<arch> with the given argument types and constants,
+    and the registers per thread it needs."""
     signature = dict(signature, **{name: "constexpr" for name in constants})
     compiled = triton.compile(ASTSource(fn, signature, constexprs=constants), target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": warps, "enable_fp_fusion": True})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        return subprocess.run([cuobjdump(), "-sass", cubin.name], check=True, capture_output=True, text=True).stdout
+        disassembly, usage = (subprocess.run([cuobjdump(), flag, cubin.name], check=True, capture_output=True,
+                                             text=True).stdout for flag in ("-sass", "-res-usage"))
+    return disassembly, int(re.search(r"REG:(\d+)", usage).group(1))
 
 
-def main_loop(disassembly: str) -> list[str]:
-    """Opcodes (with modifiers) of the widest backward branch's body: the kernel's main loop."""
+def main_loop(disassembly: str) -> tuple[list[str], list[str]]:
+    """Opcodes (with modifiers) in the widest backward branch's body, the kernel's main loop,
+    and those outside it, which run once per program."""
     lines = disassembly.splitlines()
     loops = [(int(m.group(2), 16), int(m.group(1), 16)) for m in map(BRANCH.match, lines)
              if m and int(m.group(2), 16) < int(m.group(1), 16)]
     if not loops:
         raise RuntimeError("no loop found in the disassembly")
     start, stop = max(loops, key=lambda loop: loop[1] - loop[0])
-    return [m.group(2) + m.group(3) for m in map(INSTRUCTION.match, lines)
-            if m and start <= int(m.group(1), 16) <= stop]
+    inside, outside = [], []
+    for m in map(INSTRUCTION.match, lines):
+        if m and m.group(2) not in ("NOP", "EXIT"):
+            (inside if start <= int(m.group(1), 16) <= stop else outside).append(m.group(2) + m.group(3))
+    return inside, outside
+
+
+def per_element(loop: list[str], rest: list[str], elements_per_thread: int, pairs: int) -> float:
+    """Instructions one thread issues per state element over the whole kernel: the loop body times
+    its trip count (the pairs it draws, one MUFU.LG2 per element each) plus the rest once."""
+    per_pass = sum(op == "MUFU.LG2" for op in loop)
+    trips = (pairs * elements_per_thread - sum(op == "MUFU.LG2" for op in rest)) / per_pass
+    return (trips * len(loop) + len(rest)) / elements_per_thread
 
 
 def per_pair(opcodes: list[str], elements_per_thread: int) -> collections.Counter:
@@ -92,17 +107,18 @@ def main() -> None:
     parser.add_argument("--show", action="store_true", help="also print the fused kernel's main loop")
     args = parser.parse_args()
 
+    pairs = args.steps // 2 + 1  # Box-Muller pairs per element: K + 1 draws, paired
     pointers = ["z_ptr", "center_ptr", "y_ptr", "precision_ptr"]
     fused_signature = {**{name: "*fp32" for name in pointers}, "keys_ptr": "*i64", "coef_ptr": "*i64",
                        "largest_ptr": "*fp32", "width": "i32", "dim": "i64", "col_offset": "i64",
                        "row_offset": "i64", "step": "i32"}
-    fused = sass(ensf_fused._reverse_sde_kernel, fused_signature,
+    fused, fused_registers = sass(ensf_fused._reverse_sde_kernel, fused_signature,
                  dict(ARCTAN=args.operator == "arctan", WHOLE_RUN=True, STEPS=args.steps, FAST=True, BLOCK=args.block),
                  args.arch, args.warps)
-    floor = sass(_rng_only_kernel, {"out_ptr": "*fp32", "keys_ptr": "*i64", "width": "i32"},
-                 dict(PAIRS=args.steps // 2 + 1, BLOCK=args.block), args.arch, args.warps)
+    floor, floor_registers = sass(_rng_only_kernel, {"out_ptr": "*fp32", "keys_ptr": "*i64", "width": "i32"},
+                 dict(PAIRS=pairs, BLOCK=args.block), args.arch, args.warps)
     elements = args.block // (32 * args.warps)
-    fused_loop, floor_loop = main_loop(fused), main_loop(floor)
+    (fused_loop, fused_rest), (floor_loop, floor_rest) = main_loop(fused), main_loop(floor)
     fused_units, floor_units = per_pair(fused_loop, elements), per_pair(floor_loop, elements)
 
     print(f"sm_{args.arch}, Triton {triton.__version__}, BLOCK={args.block}, {args.warps} warps "
@@ -115,6 +131,12 @@ def main() -> None:
     print(f"{'total':>10} {fused_total:>8.1f} {floor_total:>8.1f}")
     print(f"fused / floor: {fused_total / floor_total:.3f} in instructions issued, "
           f"{fused_units['sfu'] / floor_units['sfu']:.3f} in SFU operations")
+    fused_all = per_element(fused_loop, fused_rest, elements, pairs)
+    floor_all = per_element(floor_loop, floor_rest, elements, pairs)
+    print(f"whole kernels, per state element: fused {fused_all:.0f}, floor {floor_all:.0f}, "
+          f"ratio {fused_all / floor_all:.3f}")
+    print(f"main loop code: fused {len(fused_loop) * 16 / 1024:.1f} KiB, floor {len(floor_loop) * 16 / 1024:.1f} KiB; "
+          f"registers per thread: fused {fused_registers}, floor {floor_registers}")
     if args.show:
         print("\nfused main loop:\n" + "\n".join(fused_loop))
 

@@ -242,7 +242,7 @@ if triton is not None:
             w = z * _pair(coef_ptr)[1]
             if STEPS >= 1:
                 w = _sde_step(w, center, y_precision, precision, coef_ptr, 0, first, ARCTAN, FAST)
-            for j in tl.range((STEPS - 1) // 2, loop_unroll_factor=2):  # steps 2j + 1 and 2j + 2 take pair j + 1
+            for j in range((STEPS - 1) // 2):  # steps 2j + 1 and 2j + 2 take pair j + 1
                 even, odd = _polar(counter, keys_ptr + j + 1, FAST)
                 w = _sde_step(w, center, y_precision, precision, coef_ptr, 2 * j + 1, even, ARCTAN, FAST)
                 w = _sde_step(w, center, y_precision, precision, coef_ptr, 2 * j + 2, odd, ARCTAN, FAST)
