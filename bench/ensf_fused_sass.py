@@ -4,12 +4,14 @@ Run:  python bench/ensf_fused_sass.py                      (no GPU needed; add -
 
 Triton compiles the fused kernel (``da_plugin/filters/ensf_fused.py``) and the RNG-floor kernel
 of ``bench/ensf_fused_bench.py`` for a CUDA architecture (default sm_90, the H100/H200) without a
-GPU, and cuobjdump (shipped with Triton) disassembles them. The main loop of each is counted per
-state element and Box-Muller pair (two reverse-SDE steps in the fused kernel), by the hardware
-unit that executes it. Both loops are bound by instruction issue and the SFU (MUFU: log, sqrt,
-sin, cos, reciprocals), so the ratio of their counts predicts the time ratio that
-``bench/ensf_fused_bench.py`` measures. For the kernel measured at 2.51x its floor on an H100,
-this tool gives 2.40 with Triton 3.6 (the device's version); see docs/results.md.
+GPU, and cuobjdump (shipped with Triton) disassembles them. Each kernel's main loop is counted
+per state element and Box-Muller pair (two reverse-SDE steps in the fused kernel), by the
+hardware unit that executes it, and so is the whole kernel per element. Both loops sit near the
+issue limit with the SFU (MUFU: log, sqrt, sin, cos, reciprocals) next, so the ratio of the
+counts predicts the time ratio that ``bench/ensf_fused_bench.py`` measures, up to how well each
+kernel keeps the schedulers busy. For the kernel measured at 2.51x its floor on an H100, this
+tool gives 2.37 over the whole kernel with Triton 3.6 (the device's version); see
+docs/results.md.
 """
 
 from __future__ import annotations

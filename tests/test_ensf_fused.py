@@ -5,6 +5,11 @@ these tests exercise the kernel's own code; on a GPU they run it compiled.
 """
 
 import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,12 +17,13 @@ import torch
 pytest.importorskip("triton")
 
 from da_plugin.counter_rng import counter_normal, counter_normal_pair, pair_key, splitmix64  # noqa: E402
-from da_plugin.filters.ensf import EnSF  # noqa: E402
 from da_plugin.filters import ensf_fused  # noqa: E402
+from da_plugin.filters.ensf import EnSF  # noqa: E402
 from da_plugin.filters.ensf_fused import check_fusable, fused_reverse_sde, scaled_coefficients  # noqa: E402
 from da_plugin.obs import ObservationOperator  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = Path(__file__).resolve().parent.parent
 DIM, MEMBERS, STEPS = 300, 5, 12
 
 
@@ -156,3 +162,14 @@ def test_unfusable_analyses_are_refused_with_the_reason():
     ensf = EnSF(ensemble_size=MEMBERS, steps=STEPS)
     with pytest.raises(ValueError, match="even"):
         fused_reverse_sde(ensf, forecast, y, obs, seed=1, first_draw=3)
+
+
+def test_the_instruction_counter_compiles_both_kernels_for_the_h100():
+    # bench/ensf_fused_sass.py compiles for sm_90 on any machine; it must keep up with the kernel's signature
+    pytest.importorskip("triton.backends.nvidia")
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "ensf_fused_sass.py"), "--steps", "10"],
+                            capture_output=True, text=True, env=environment, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    fused, floor = map(float, re.search(r"per state element: fused (\d+), floor (\d+)", result.stdout).groups())
+    assert fused > floor > 0  # the fused kernel draws the floor's normals and does the steps besides
