@@ -125,9 +125,9 @@ def scaled_coefficients(schedule: list[Step], arctan: bool) -> torch.Tensor:
 
     The kernel carries w = z / s_k, not z. With s_0 = 1 and s_{k+1} = noise_k (never 0), step k
     maps w to keep' w + center' c + likelihood' L' + xi: the normal draw enters with coefficient
-    1, which saves a multiply per step. L' is the arctan
-    score times s_k^2 (what :func:`_arctan_score` returns) or the identity score. Row K holds
-    s_K, which turns the last w back into z.
+    1, which saves a multiply per step. L' is the arctan score times s_k^2 (what
+    :func:`_arctan_score` returns) or the identity score. Row K holds s_K, which turns the last w
+    back into z.
     """
     scale = [1.0] + [step.noise for step in schedule]
     rows = []
