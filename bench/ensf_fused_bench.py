@@ -29,6 +29,7 @@ from da_plugin.filters import ensf_fused
 from da_plugin.filters.ensf import EnSF
 from da_plugin.filters.ensf_fused import _polar, fused_reverse_sde
 from da_plugin.obs import ObservationOperator
+from ensf_scaling import copy_bandwidth  # bench/ is on the path of a bench script
 
 SIGMA_OBS = 0.05
 
@@ -58,14 +59,6 @@ def cuda_ms(fn, repeats: int) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(stop))
     return statistics.median(times)
-
-
-def copy_bandwidth(gbytes: float = 4.0) -> float:
-    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
-    src = torch.empty(int(gbytes * 1e9 / 4), dtype=torch.float32, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    ms = cuda_ms(lambda: dst.copy_(src), 10)
-    return 2 * gbytes / (ms / 1e3)
 
 
 def rng_floor_ms(forecast: torch.Tensor, pairs: int, repeats: int) -> float:
@@ -143,7 +136,7 @@ def main() -> None:
         parser.error("this benchmark needs a CUDA device (bench/ensf_bench.py covers the CPU)")
 
     props = torch.cuda.get_device_properties(0)
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(torch.device("cuda"), gbytes=4.0)
     print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}; "
           f"measured copy bandwidth {bandwidth:.0f} GB/s; N={args.members}, K={args.steps}, arctan obs, float32")
     if args.sweep:
