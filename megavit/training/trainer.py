@@ -170,13 +170,13 @@ class Trainer:
         """One optimizer step over ``accumulation`` micro-batches; the loss averaged over DP."""
         if self.config.uses_pipeline:
             return float(self.engine.train_batch(batches))  # averaged over DP and broadcast by DeepSpeed
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.engine.device)  # on the device: one sync per step
         for _ in range(self.accumulation):
             (frames, lead), target = next(batches)
             loss = mse_loss(self.engine(frames, lead), target)
             self.engine.backward(loss)
             self.engine.step()
-            total += loss.item() / self.accumulation  # reading the loss syncs with the device: once per micro-batch
+            total += loss.detach() / self.accumulation
         return self._dp_mean(total)
 
     def evaluate(self) -> float:
@@ -187,11 +187,12 @@ class Trainer:
         if self.config.uses_pipeline:
             return float(self.engine.eval_batch(batches, num_micro_batches=count))
         self.engine.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
         with torch.no_grad():
-            total = sum(mse_loss(self.engine(*inputs), target).item() for inputs, target in
-                        (next(batches) for _ in range(count)))
+            for inputs, target in (next(batches) for _ in range(count)):
+                total += mse_loss(self.engine(*inputs), target) / count
         self.engine.train()
-        return self._dp_mean(total / count)
+        return self._dp_mean(total)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -231,8 +232,9 @@ class Trainer:
         for (frames, lead), target in batches:
             yield ((frames.to(device, self.dtype), lead.to(device, self.dtype)), target.to(device))
 
-    def _dp_mean(self, value: float) -> float:
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.engine.device)
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        """The mean of a scalar tensor over the DP group, read once."""
+        tensor = value.reshape(1).clone()
         dist.all_reduce(tensor, group=self.topology.dp_group)
         return tensor.item() / self.dims.dp
 
