@@ -39,6 +39,10 @@ UNITS = {"FFMA": "fp32", "FMUL": "fp32", "FADD": "fp32", "FMNMX": "fp32",
          "IMAD": "int-mad", "LOP3": "int/alu", "SHF": "int/alu", "IADD3": "int/alu", "ISETP": "int/alu",
          "FSEL": "int/alu", "FSETP": "int/alu", "SEL": "int/alu", "P2R": "int/alu", "I2FP": "int/alu",
          "MOV": "int/alu", "MUFU": "sfu", "I2F": "sfu", "LDG": "memory", "STG": "memory", "BRA": "control"}
+# clocks a Hopper scheduler (SM sub-partition) spends per warp instruction on each unit, from the
+# per-SM rates NVIDIA publishes for compute capability 9.0 (128 fp32, 64 integer, 16 SFU results
+# per clock): an estimate, which ignores latencies and the sharing of the FMA pipes
+CLOCKS_PER_WARP_INSTRUCTION = {"fp32": 1, "int/alu": 2, "int-mad": 2, "sfu": 8}
 INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)(\S*)")
 BRANCH = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+@!?P\d+\s+BRA\s+(?:`\()?0x([0-9a-f]+)")
 
@@ -114,11 +118,12 @@ def main() -> None:
     fused_signature = {**{name: "*fp32" for name in pointers}, "keys_ptr": "*i64", "coef_ptr": "*i64",
                        "largest_ptr": "*fp32", "width": "i32", "dim": "i64", "col_offset": "i64",
                        "row_offset": "i64", "step": "i32"}
-    fused, fused_registers = sass(ensf_fused._reverse_sde_kernel, fused_signature,
-                 dict(ARCTAN=args.operator == "arctan", WHOLE_RUN=True, STEPS=args.steps, FAST=True, BLOCK=args.block),
-                 args.arch, args.warps)
+    fused_constants = dict(ARCTAN=args.operator == "arctan", WHOLE_RUN=True, STEPS=args.steps, FAST=True,
+                           BLOCK=args.block)
+    fused, fused_registers = sass(ensf_fused._reverse_sde_kernel, fused_signature, fused_constants, args.arch,
+                                  args.warps)
     floor, floor_registers = sass(_rng_only_kernel, {"out_ptr": "*fp32", "keys_ptr": "*i64", "width": "i32"},
-                 dict(PAIRS=pairs, BLOCK=args.block), args.arch, args.warps)
+                                  dict(PAIRS=pairs, BLOCK=args.block), args.arch, args.warps)
     elements = args.block // (32 * args.warps)
     (fused_loop, fused_rest), (floor_loop, floor_rest) = main_loop(fused), main_loop(floor)
     fused_units, floor_units = per_pair(fused_loop, elements), per_pair(floor_loop, elements)
@@ -133,6 +138,11 @@ def main() -> None:
     print(f"{'total':>10} {fused_total:>8.1f} {floor_total:>8.1f}")
     print(f"fused / floor: {fused_total / floor_total:.3f} in instructions issued, "
           f"{fused_units['sfu'] / floor_units['sfu']:.3f} in SFU operations")
+    print("estimated busy clocks of one scheduler per warp and pair (issue: 1 per instruction; "
+          + ", ".join(f"{unit}: {clocks}" for unit, clocks in CLOCKS_PER_WARP_INSTRUCTION.items()) + ")")
+    for name, units in (("fused", fused_units), ("floor", floor_units)):
+        busy = {unit: units[unit] * clocks for unit, clocks in CLOCKS_PER_WARP_INSTRUCTION.items()}
+        print(f"{name:>10} issue {sum(units.values()):.0f}, " + ", ".join(f"{u} {c:.0f}" for u, c in busy.items()))
     fused_all = per_element(fused_loop, fused_rest, elements, pairs)
     floor_all = per_element(floor_loop, floor_rest, elements, pairs)
     print(f"whole kernels, per state element: fused {fused_all:.0f}, floor {floor_all:.0f}, "
