@@ -177,5 +177,6 @@ def ensf_analysis(ensf: EnSF, forecast: torch.Tensor, y: torch.Tensor, obs: Obse
         return partial
 
     if ensf.uses_fused_kernel(forecast, obs):
-        return fused_reverse_sde(ensf, forecast, y, obs, seed, first_draw, col_offset=slab.start, dim=slab.dim, sum_over_state=sum_over_ranks)
+        return fused_reverse_sde(ensf, forecast, y, obs, seed, first_draw, col_offset=slab.start, dim=slab.dim,
+                                 sum_over_state=sum_over_ranks)
     return ensf.reverse_sde(forecast, y, obs, noise, sum_over_ranks)
