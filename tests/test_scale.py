@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from da_plugin.distributed import Launch
+from da_plugin.distributed import Launch, detect_launch, init_distributed
 from da_plugin.scale import ScaleConfig, run
 from megavit.config import load_config
 
@@ -31,13 +31,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ranks(world: int, overrides: list[str], **popen) -> list[subprocess.Popen]:
-    """``world`` processes of da_plugin.scale with the variables torchrun would set."""
+LAUNCHER_VARIABLES = {"torchrun": ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+                      "srun": ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")}
+
+
+def start_ranks(world: int, overrides: list[str], launcher: str = "torchrun", **popen) -> list[subprocess.Popen]:
+    """``world`` processes of da_plugin.scale with the variables torchrun (or srun) would set."""
     port = free_port()
+    rank_name, world_name, local_name = LAUNCHER_VARIABLES[launcher]
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                   **{rank_name: str(rank), world_name: str(world), local_name: str(rank)})
         procs.append(subprocess.Popen([sys.executable, "-m", "da_plugin.scale", str(CONFIG), *overrides], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen))
     return procs
@@ -47,14 +52,15 @@ def single_process(overrides: list[str]) -> dict:
     return run(load_config(ScaleConfig, CONFIG, overrides), Launch(0, 1, 0, "single"))
 
 
-def test_three_ranks_give_the_single_process_numbers(tmp_path):
+@pytest.mark.parametrize("launcher,world", [("torchrun", 3), ("srun", 2)])
+def test_ranks_give_the_single_process_numbers(tmp_path, launcher, world):
     reference = single_process(SMALL)
-    procs = start_ranks(3, SMALL + [f"output_dir={tmp_path / 'out'}"])
+    procs = start_ranks(world, SMALL + [f"output_dir={tmp_path / 'out'}"], launcher)
     for proc in procs:
         _, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["ranks"] == 3 and summary["launcher"] == "torchrun"
+    assert summary["ranks"] == world and summary["launcher"] == launcher
     for key in ("rmse_a", "rmse_f", "spread_a"):
         np.testing.assert_allclose(summary["history"][key], reference["history"][key], rtol=1e-5)
 
@@ -115,3 +121,15 @@ def test_a_dead_rank_stops_the_others_with_an_error_within_the_timeout(tmp_path)
 def test_run_ensf_sh_help():
     result = subprocess.run(["bash", str(ROOT / "launch/run_ensf.sh"), "-h"], capture_output=True, text=True)
     assert result.returncode == 0 and "torchrun|mpiexec" in result.stdout
+
+
+def test_srun_without_a_rendezvous_address_says_what_to_export(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    launch = detect_launch()
+    assert launch == Launch(1, 4, 1, "srun")
+    with pytest.raises(ValueError, match="srun started 4 ranks but MASTER_ADDR is not set"):
+        init_distributed(launch, "gloo", timeout_s=5)
