@@ -61,9 +61,11 @@ def cuda_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def rng_floor_ms(forecast: torch.Tensor, pairs: int, repeats: int) -> float:
-    """Milliseconds of the RNG floor: ``pairs`` Box-Muller pairs per entry of ``forecast``, summed."""
+def rng_floor_ms(forecast: torch.Tensor, steps: int, repeats: int) -> float:
+    """Milliseconds of the RNG floor: the K + 1 normals of a K-step analysis, in Box-Muller pairs,
+    per entry of ``forecast``, summed."""
     members, d = forecast.shape
+    pairs = steps // 2 + 1
     out = torch.empty_like(forecast)
     keys = torch.tensor([pair_key(1, p) for p in range(pairs)], dtype=torch.int64, device="cuda")
     grid = (triton.cdiv(d, ensf_fused.BLOCK), members)
@@ -88,7 +90,7 @@ def measure(d: int, args: argparse.Namespace, bandwidth: float) -> dict:
     torch.cuda.reset_peak_memory_stats()
     fused_ms = cuda_ms(lambda: fused_reverse_sde(fused, forecast, y, obs, seed=1), args.repeats)
     fused_peak = torch.cuda.max_memory_allocated() / 2**30
-    rng_ms = rng_floor_ms(forecast, k // 2 + 1, args.repeats)
+    rng_ms = rng_floor_ms(forecast, k, args.repeats)
     min_bytes = 4 * (2 * n * d + 2 * d)
     memory_ms = min_bytes / (bandwidth * 1e9) * 1e3
     row = dict(d=d, fused_ms=fused_ms, rng_floor_ms=rng_ms, memory_floor_ms=memory_ms, fused_peak_gib=fused_peak,
@@ -117,7 +119,7 @@ def sweep(d: int, args: argparse.Namespace) -> None:
         for warps in (2, 4, 8):
             ensf_fused.BLOCK, ensf_fused.NUM_WARPS = block, warps
             ms = cuda_ms(lambda: fused_reverse_sde(ensf, forecast, y, obs, seed=1), args.repeats)
-            floor = rng_floor_ms(forecast, args.steps // 2 + 1, args.repeats)
+            floor = rng_floor_ms(forecast, args.steps, args.repeats)
             print(f"  {block:>5} {warps:>3} {ms:>9.2f} {floor:>9.2f} {ms / floor:>6.2f}x", flush=True)
     ensf_fused.BLOCK, ensf_fused.NUM_WARPS = default  # the table below uses the defaults
 

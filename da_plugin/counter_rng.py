@@ -49,9 +49,11 @@ def _logical_shift(bits: torch.Tensor, shift: int, out: torch.Tensor) -> torch.T
     return torch.bitwise_right_shift(bits, shift, out=out).bitwise_and_((1 << (64 - shift)) - 1)
 
 
-def _polar_blocks(seed: int, pair: int, rows: int, start: int, stop: int, dim: int, compute: torch.dtype,
+def _polar_blocks(seed: int, pair: int, rows: int, start: int, stop: int, dim: int, dtype: torch.dtype,
                   device: torch.device, row_offset: int) -> Iterator[tuple[int, slice, torch.Tensor, torch.Tensor]]:
-    """(row, columns, radius, angle) of pair ``pair``, block by block; the tensors are reused."""
+    """(row, columns, radius, angle) of pair ``pair``, block by block, computed in float64 for a
+    float64 ``dtype`` and in float32 otherwise; the tensors are reused."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
     width = stop - start
     chunk = max(1, min(_chunk_size(device), width))
     key = pair_key(seed, pair)
@@ -81,8 +83,7 @@ def counter_normal_pair(seed: int, pair: int, rows: int, start: int, stop: int, 
     device = torch.device(device)
     even = torch.empty(rows, stop - start, dtype=dtype, device=device)
     odd = torch.empty_like(even)
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    for row, columns, radius, angle in _polar_blocks(seed, pair, rows, start, stop, dim, compute, device, row_offset):
+    for row, columns, radius, angle in _polar_blocks(seed, pair, rows, start, stop, dim, dtype, device, row_offset):
         torch.mul(radius, torch.cos(angle), out=even[row, columns])
         torch.mul(radius, angle.sin_(), out=odd[row, columns])
     return even, odd
@@ -96,9 +97,8 @@ def counter_normal(seed: int, stream: int, rows: int, start: int, stop: int, dim
     (seed, stream, row, variable), never on the slab or the rank."""
     device = torch.device(device)
     out = torch.empty(rows, stop - start, dtype=dtype, device=device)
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
     odd = stream % 2 == 1
-    for row, columns, radius, angle in _polar_blocks(seed, stream // 2, rows, start, stop, dim, compute, device,
+    for row, columns, radius, angle in _polar_blocks(seed, stream // 2, rows, start, stop, dim, dtype, device,
                                                      row_offset):
         torch.mul(radius, angle.sin_() if odd else angle.cos_(), out=out[row, columns])
     return out

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from da_plugin.counter_rng import counter_normal, counter_normal_pair, pair_key, splitmix64  # noqa: E402
 from da_plugin.filters import ensf_fused  # noqa: E402
@@ -74,16 +75,12 @@ def test_the_scaled_table_reproduces_the_schedule():
     torch.testing.assert_close(w * table[7, 0], plain, rtol=1e-6, atol=1e-6)
 
 
-if ensf_fused.triton is not None:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _arctan_score_kernel(out_ptr, w_ptr, scale, y_precision, precision, n, FAST: tl.constexpr):
-        i = tl.arange(0, 1024)
-        w = tl.load(w_ptr + i, mask=i < n, other=0.0)
-        out = ensf_fused._arctan_score(w, 1.0 / scale, 1.0 / (scale * scale), y_precision, precision, FAST)
-        tl.store(out_ptr + i, out, mask=i < n)
+@triton.jit
+def _arctan_score_kernel(out_ptr, w_ptr, scale, y_precision, precision, n, FAST: tl.constexpr):
+    i = tl.arange(0, 1024)
+    w = tl.load(w_ptr + i, mask=i < n, other=0.0)
+    out = ensf_fused._arctan_score(w, 1.0 / scale, 1.0 / (scale * scale), y_precision, precision, FAST)
+    tl.store(out_ptr + i, out, mask=i < n)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.1, 0.03])
