@@ -89,6 +89,11 @@ class ObservationOperator:
         return ObservationOperator(self.operator, self.sigma, self.indices[positions] - start, stop - start), positions
 
     @property
+    def observes_all(self) -> bool:
+        """Whether every state variable is observed, in order (the observation vector is then ``[d]``)."""
+        return self._all
+
+    @property
     def size(self) -> int:
         """Number of observations per analysis time."""
         return self.indices.numel()

@@ -5,18 +5,20 @@ steps using only its own forecast value and the observation of variable k, so a 
 can keep z in registers for the whole analysis and draw every normal in place from the
 counter-based generator of :mod:`da_plugin.counter_rng` (the numbers the torch path with
 ``counter_normal`` noise uses). Memory traffic is then the floor, 4 bytes x (2 N d + 2 d), and
-the time is set by the random numbers and the arithmetic, which is kept to about 21 operations
+the time is set by the random numbers and the arithmetic, which is kept to about 20 operations
 per step: the arctan score needs no branches and one reciprocal and one reciprocal square root
 (:func:`_arctan_score`), and the kernel carries z scaled so that each step adds its normal draw
-unscaled (:func:`scaled_coefficients`). ``bench/ensf_fused_bench.py`` times it against its
+unscaled, with the precision in the coefficients when every variable is observed
+(:func:`scaled_coefficients`). ``bench/ensf_fused_bench.py`` times it against its
 floors on a GPU; ``bench/ensf_fused_sass.py`` counts its instructions on any machine. The mixture
 score needs an N x N reduction over the whole state between steps, so it runs the same kernel
 one step at a time.
 
 Only componentwise observation operators (identity, arctan of observed variables) fuse; they
 are given to the kernel as a dense observation and precision (1/sigma^2, or 0 where
-unobserved) per variable. Without a GPU the kernel runs in Triton's interpreter
-(``TRITON_INTERPRET=1``), which the tests use.
+unobserved) per variable, or, when every variable is observed, as the observation alone.
+Without a GPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``), which the
+tests use.
 """
 
 from __future__ import annotations
@@ -90,10 +92,16 @@ def fused_reverse_sde(ensf: EnSF, forecast: torch.Tensor, y: torch.Tensor, obs: 
         raise ValueError(f"first_draw must be even (draws come in Box-Muller pairs), got {first_draw}")
     members, width = forecast.shape
     forecast = forecast.contiguous()
-    values, precision = dense_observations(obs, y, width, forecast.device)
+    # every variable observed: the one precision 1/sigma^2 goes into the table, the kernel reads y
+    all_observed = obs.observes_all
+    if all_observed:
+        values = precision = y.to(device=forecast.device, dtype=torch.float32).contiguous()  # precision: unread
+    else:
+        values, precision = dense_observations(obs, y, width, forecast.device)
     schedule = ensf.schedule()
     # two float32 per 64-bit word: the kernel loads a step's six coefficients in three loads
-    coefficients = scaled_coefficients(schedule, obs.operator == "arctan").view(torch.int64).to(forecast.device)
+    coefficients = scaled_coefficients(schedule, obs.operator == "arctan", obs.sigma**-2 if all_observed else 1.0)
+    coefficients = coefficients.view(torch.int64).to(forecast.device)
     keys = torch.tensor([pair_key(seed, first_draw // 2 + pair) for pair in range(ensf.steps // 2 + 1)],
                         dtype=torch.int64, device=forecast.device)
     z = torch.empty_like(forecast)
@@ -102,7 +110,8 @@ def fused_reverse_sde(ensf: EnSF, forecast: torch.Tensor, y: torch.Tensor, obs: 
     def launch(center: torch.Tensor, step: int, whole_run: bool, steps: int) -> None:
         _reverse_sde_kernel[(triton.cdiv(width, BLOCK), members)](
             z, center, values, precision, keys, coefficients, largest, width, dim or width, col_offset, row_offset,
-            step, ARCTAN=obs.operator == "arctan", WHOLE_RUN=whole_run, STEPS=steps, FAST=not _INTERPRETED,
+            step, ARCTAN=obs.operator == "arctan", ALL_OBSERVED=all_observed, WHOLE_RUN=whole_run, STEPS=steps,
+            FAST=not _INTERPRETED,
             BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=True)
 
     if ensf.prior_score == "one_to_one":
@@ -120,20 +129,22 @@ def fused_reverse_sde(ensf: EnSF, forecast: torch.Tensor, y: torch.Tensor, obs: 
 ARCTAN_RANGE = 1e18  # |forecast| the fused arctan score handles (see _arctan_score)
 
 
-def scaled_coefficients(schedule: list[Step], arctan: bool) -> torch.Tensor:
+def scaled_coefficients(schedule: list[Step], arctan: bool, precision: float = 1.0) -> torch.Tensor:
     """The kernel's per-step table ``[K + 1, 6]`` (s_k, 1/s_k, 1/s_k^2, keep', center', likelihood').
 
     The kernel carries w = z / s_k, not z. With s_0 = 1 and s_{k+1} = noise_k (never 0), step k
     maps w to keep' w + center' c + likelihood' L' + xi: the normal draw enters with coefficient
     1, which saves a multiply per step. L' is the arctan score times s_k^2 (what
-    :func:`_arctan_score` returns) or the identity score. Row K holds s_K, which turns the last w
+    :func:`_arctan_score` returns) or the identity score, divided by ``precision``: when every
+    variable is observed with the one precision 1/sigma^2, the table carries it and the kernel
+    computes y - h(z), another multiply saved per step. Row K holds s_K, which turns the last w
     back into z.
     """
     scale = [1.0] + [step.noise for step in schedule]
     rows = []
     for k, step in enumerate(schedule):
         now, after = scale[k], scale[k + 1]
-        likelihood = step.likelihood / after / (now * now if arctan else 1.0)
+        likelihood = precision * step.likelihood / after / (now * now if arctan else 1.0)
         rows.append([now, 1.0 / now, 1.0 / (now * now), step.keep * now / after, step.center / after, likelihood])
     rows.append([scale[-1], 1.0 / scale[-1], 1.0 / scale[-1] ** 2, 0.0, 0.0, 0.0])
     return torch.tensor(rows, dtype=torch.float64).to(torch.float32)
@@ -170,17 +181,22 @@ if triton is not None:
         return 1.0 / x
 
     @triton.jit
-    def _arctan_score(w, inv_scale, inv_scale2, y_precision, precision, FAST: tl.constexpr):
-        """s^2 precision (y - atan z) / (1 + z^2) at z = s w, in 17 operations.
+    def _arctan_score(w, inv_scale, inv_scale2, y_precision, precision, ALL_OBSERVED: tl.constexpr,
+                      FAST: tl.constexpr):
+        """s^2 precision (y - atan z) / (1 + z^2) at z = s w, in 16 operations (ALL_OBSERVED: 15,
+        s^2 (y - atan z) / (1 + z^2), y_precision holding y).
 
         With q = (1 + z^2) / s^2 and r = 1 / sqrt(q), s^2 / (1 + z^2) is r^2, and the half-angle
         identity atan z = 2 atan t, t = z / (1 + sqrt(1 + z^2)) = w / (q r + 1/s), brings every z
-        to |t| <= 1 without branches. There an odd polynomial of degree 15 (minimax in relative
-        error, coefficients doubled) gives 2 atan t to 2.1e-7 relative, 2.8e-7 absolute, in
-        float32. One SFU reciprocal square root and one reciprocal serve both factors. q rounds
-        down to the largest float instead of overflowing, so the score stays finite and negligible
-        up to |w| of about 1e21 (s is at least 0.01 for K up to 1e4); the caller refuses forecasts
-        beyond ARCTAN_RANGE.
+        to |t| <= 1 without branches. One SFU reciprocal square root and one reciprocal serve both
+        factors. There an odd polynomial of degree 13 gives 2 atan t. It is minimax in atan's
+        relative error weighted by 1 / sqrt(1 + z^2), because the step feels atan's error divided
+        by 1 + z^2: in float32, atan is within 3.2e-7 relative for |z| <= 1, 4.9e-7 for |z| <= 3
+        and 1.4e-6 for |z| <= 10, and the score's error stays below 1.1e-7 s^2 precision for all z
+        (a polynomial of degree 15 would gain a factor 1.4 there, for one more instruction per
+        step). q rounds down to the largest float instead of overflowing, so the score stays finite
+        and negligible up to |w| of about 1e21 (s is at least 0.01 for K up to 1e4); the caller
+        refuses forecasts beyond ARCTAN_RANGE.
         """
         if FAST:
             q = libdevice.fma_rz(w, w, inv_scale2)
@@ -189,14 +205,16 @@ if triton is not None:
         r = tl.rsqrt(q)
         t = w * _reciprocal(tl.fma(q, r, inv_scale), FAST)
         t2 = t * t
-        poly = tl.fma(t2, -0.00938655249774456, 0.04850480705499649)
-        poly = tl.fma(t2, poly, -0.1189727857708931)
-        poly = tl.fma(t2, poly, 0.19828586280345917)
-        poly = tl.fma(t2, poly, -0.28038960695266724)
-        poly = tl.fma(t2, poly, 0.3993944823741913)
-        poly = tl.fma(t2, poly, -0.6666398048400879)
-        poly = tl.fma(t2, poly, 1.999999761581421)
-        return tl.fma(-precision, t * poly, y_precision) * (r * r)
+        # -2 atan(t) / t, so that y - atan z is one fma (a negation would cost an instruction)
+        minus_poly = tl.fma(t2, -0.021432602778077126, 0.08884936571121216)
+        minus_poly = tl.fma(t2, minus_poly, -0.18202099204063416)
+        minus_poly = tl.fma(t2, minus_poly, 0.2759968042373657)
+        minus_poly = tl.fma(t2, minus_poly, -0.3988470733165741)
+        minus_poly = tl.fma(t2, minus_poly, 0.6666154861450195)
+        minus_poly = tl.fma(t2, minus_poly, -1.999999761581421)
+        if ALL_OBSERVED:
+            return tl.fma(t, minus_poly, y_precision) * (r * r)
+        return tl.fma(precision, t * minus_poly, y_precision) * (r * r)
 
     @triton.jit
     def _pair(ptr):
@@ -206,13 +224,17 @@ if triton is not None:
                 (bits >> 32).to(tl.uint32).to(tl.float32, bitcast=True))
 
     @triton.jit
-    def _sde_step(w, center, y_precision, precision, coef_ptr, k, xi, ARCTAN: tl.constexpr, FAST: tl.constexpr):
-        """Step k on w = z / s_k (see scaled_coefficients): keep' w + center' c + likelihood' L' + xi."""
+    def _sde_step(w, center, y_precision, precision, coef_ptr, k, xi, ARCTAN: tl.constexpr,
+                  ALL_OBSERVED: tl.constexpr, FAST: tl.constexpr):
+        """Step k on w = z / s_k (see scaled_coefficients): keep' w + center' c + likelihood' L' + xi.
+        ALL_OBSERVED: y_precision holds y and the table the precision."""
         scale, inv_scale = _pair(coef_ptr + 3 * k)
         inv_scale2, keep = _pair(coef_ptr + 3 * k + 1)
         center_coef, likelihood = _pair(coef_ptr + 3 * k + 2)
         if ARCTAN:
-            score = _arctan_score(w, inv_scale, inv_scale2, y_precision, precision, FAST)
+            score = _arctan_score(w, inv_scale, inv_scale2, y_precision, precision, ALL_OBSERVED, FAST)
+        elif ALL_OBSERVED:
+            score = tl.fma(w, -scale, y_precision)  # -scale: once per thread, -w: once per element
         else:
             score = tl.fma(-precision, w * scale, y_precision)
         return tl.fma(likelihood, score, tl.fma(keep, w, center_coef * center)) + xi
@@ -220,18 +242,22 @@ if triton is not None:
     @triton.jit
     def _reverse_sde_kernel(z_ptr, center_ptr, y_ptr, precision_ptr, keys_ptr, coef_ptr, largest_ptr,
                             width, dim, col_offset, row_offset, step,
-                            ARCTAN: tl.constexpr, WHOLE_RUN: tl.constexpr, STEPS: tl.constexpr,
-                            FAST: tl.constexpr, BLOCK: tl.constexpr):
+                            ARCTAN: tl.constexpr, ALL_OBSERVED: tl.constexpr, WHOLE_RUN: tl.constexpr,
+                            STEPS: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr):
         """One member (row) and BLOCK columns. WHOLE_RUN: draw z at t = 1, then steps [0, STEPS)
         with w = z / s_k in registers; else the single step ``step`` on the stored z. ARCTAN and
-        WHOLE_RUN: also raise ``largest`` to the largest |centre| seen."""
+        WHOLE_RUN: also raise ``largest`` to the largest |centre| seen. ALL_OBSERVED: the table
+        holds the precision, which the kernel then neither loads nor applies."""
         row = tl.program_id(1).to(tl.int64)
         cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = cols < width
         offsets = row * width + cols
         center = tl.load(center_ptr + offsets, mask=inside, other=0.0)
-        precision = tl.load(precision_ptr + cols, mask=inside, other=0.0)
-        y_precision = precision * tl.load(y_ptr + cols, mask=inside, other=0.0)
+        y_precision = tl.load(y_ptr + cols, mask=inside, other=0.0)
+        precision = 1.0  # ALL_OBSERVED: the table holds it
+        if not ALL_OBSERVED:
+            precision = tl.load(precision_ptr + cols, mask=inside, other=0.0)
+            y_precision *= precision
         counter = ((row + row_offset) * dim + col_offset + cols).to(tl.uint64, bitcast=True)
         if WHOLE_RUN:
             if ARCTAN:
@@ -241,19 +267,19 @@ if triton is not None:
             z, first = _polar(counter, keys_ptr, FAST)
             w = z * _pair(coef_ptr)[1]
             if STEPS >= 1:
-                w = _sde_step(w, center, y_precision, precision, coef_ptr, 0, first, ARCTAN, FAST)
+                w = _sde_step(w, center, y_precision, precision, coef_ptr, 0, first, ARCTAN, ALL_OBSERVED, FAST)
             for j in range((STEPS - 1) // 2):  # steps 2j + 1 and 2j + 2 take pair j + 1
                 even, odd = _polar(counter, keys_ptr + j + 1, FAST)
-                w = _sde_step(w, center, y_precision, precision, coef_ptr, 2 * j + 1, even, ARCTAN, FAST)
-                w = _sde_step(w, center, y_precision, precision, coef_ptr, 2 * j + 2, odd, ARCTAN, FAST)
+                w = _sde_step(w, center, y_precision, precision, coef_ptr, 2 * j + 1, even, ARCTAN, ALL_OBSERVED, FAST)
+                w = _sde_step(w, center, y_precision, precision, coef_ptr, 2 * j + 2, odd, ARCTAN, ALL_OBSERVED, FAST)
             if STEPS >= 2 and STEPS % 2 == 0:  # the last step, K - 1, takes the cosine of pair K / 2
                 even, odd = _polar(counter, keys_ptr + STEPS // 2, FAST)
-                w = _sde_step(w, center, y_precision, precision, coef_ptr, STEPS - 1, even, ARCTAN, FAST)
+                w = _sde_step(w, center, y_precision, precision, coef_ptr, STEPS - 1, even, ARCTAN, ALL_OBSERVED, FAST)
             z = w * _pair(coef_ptr + 3 * STEPS)[0]
         else:
             w = tl.load(z_ptr + offsets, mask=inside, other=0.0) * _pair(coef_ptr + 3 * step)[1]
             even, odd = _polar(counter, keys_ptr + (step + 1) // 2, FAST)
             w = _sde_step(w, center, y_precision, precision, coef_ptr, step, tl.where(step % 2 == 0, odd, even),
-                          ARCTAN, FAST)
+                          ARCTAN, ALL_OBSERVED, FAST)
             z = w * _pair(coef_ptr + 3 * (step + 1))[0]
         tl.store(z_ptr + offsets, z, mask=inside)
