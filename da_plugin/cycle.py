@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from da_plugin.filters import FILTERS
+from da_plugin.filters.ensf import EnSF
 from da_plugin.io import AnalysisWriter, staged_output, write_json, write_yaml
 from da_plugin.models import MODELS
 from da_plugin.obs import ObsConfig, ObservationOperator
@@ -95,6 +96,8 @@ def run(config: CycleConfig) -> dict[str, Any]:
     ensemble = truth + config.init_spread * init_noise.to(dtype=dtype, device=device)
     free = ensemble.clone() if config.free_run else None
 
+    if isinstance(da_filter, EnSF) and (note := da_filter.steep_step_note(obs.sigma)):
+        print(f"da-cycle: note: {note}", file=sys.stderr)
     step_time = config.obs.every * model.dt
     history: dict[str, list[float]] = {name: [] for name in AnalysisWriter.SCALARS}
     with staged_output(config.output_dir) as staging:

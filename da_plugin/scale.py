@@ -188,6 +188,8 @@ def run(config: ScaleConfig, launch: Launch) -> dict:
     truth, _ = next(problem)
     forecast = truth + config.init_spread * counter_normal(config.seed, ENSEMBLE_DRAW, members, slab.start, slab.stop,
                                                            slab.dim, dtype, device)
+    if launch.rank == 0 and (note := config.filter.steep_step_note(config.obs.sigma)):
+        print(f"da_plugin.scale: note: {note}", file=sys.stderr)
     history = {"rmse_f": [], "rmse_a": [], "spread_a": [], "seconds_forecast": [], "seconds_analysis": []}
     bar = tqdm(range(config.cycles), desc=f"EnSF d={slab.dim:,} on {launch.world} ranks", unit="cycle",
                disable=not config.progress or launch.rank != 0, file=sys.stderr)

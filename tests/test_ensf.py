@@ -140,3 +140,27 @@ def test_bad_input():
     y = torch.tensor([0.0, float("nan"), 0.0, 0.0])
     with pytest.raises(ValueError, match="non-finite"):
         EnSF(ensemble_size=3).analysis(torch.zeros(3, 4), y, obs, torch.Generator())
+
+
+@pytest.mark.parametrize("steps,sigma", [(10, 0.3), (10, 1.0), (3, 1.0)])
+def test_steep_step_note_reports_the_factor_the_steps_apply(steps, sigma):
+    # identity observations make the one-to-one reverse SDE linear in z: a difference in the draw
+    # at t = 1 reaches the analysis multiplied by every step's factor keep - likelihood / sigma^2
+    dim = 3
+    ensf = EnSF(ensemble_size=2, steps=steps, prior_score="one_to_one", backend="torch")
+    obs = ObservationOperator("identity", sigma, torch.arange(dim), dim)
+    forecast = torch.tensor([[0.3, -1.0, 2.0], [1.0, 0.5, -0.2]], dtype=torch.float64)
+    y = torch.tensor([0.4, -0.8, 1.9], dtype=torch.float64)
+    draws = torch.randn(steps + 1, 2, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    nudged = draws.clone()
+    nudged[0, 1, 2] += 1e-3
+    difference = (ensf.reverse_sde(forecast, y, obs, lambda k: nudged[k])
+                  - ensf.reverse_sde(forecast, y, obs, lambda k: draws[k]))[1, 2] / 1e-3
+    factors = [step.keep - step.likelihood / sigma**2 for step in ensf.schedule()]
+    torch.testing.assert_close(difference, torch.tensor(factors, dtype=torch.float64).prod(), rtol=1e-5, atol=0)
+    note = ensf.steep_step_note(sigma)
+    amplifying = sum(factor < -1 for factor in factors)
+    if amplifying:
+        assert f"{amplifying} of the filter.steps={steps}" in note and f"{min(factors):.2f}" in note
+    else:
+        assert note is None

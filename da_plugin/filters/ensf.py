@@ -149,6 +149,23 @@ class EnSF:
                               noise=math.sqrt(dt * g2)))
         return steps
 
+    def steep_step_note(self, obs_sigma: float) -> str | None:
+        """A one-line warning when the explicit steps amplify differences, else None.
+
+        Where the observation operator is steepest (slope 1: identity everywhere, arctan at 0),
+        step k scales a difference in z by keep_k - likelihood_k / sigma^2. Below -1 the steps
+        amplify differences there: the identity operator's analysis diverges, and the arctan
+        operator's stays bounded but loses accuracy (docs/results.md: on Lorenz-96 with
+        sigma = 0.05, K = 100 doubles the analysis error against K = 300).
+        """
+        factors = [step.keep - step.likelihood / obs_sigma**2 for step in self.schedule()]
+        amplifying = sum(factor < -1.0 for factor in factors)
+        if not amplifying:
+            return None
+        return (f"{amplifying} of the filter.steps={self.steps} reverse-SDE steps amplify differences where the "
+                f"observation operator is steepest (factor down to {min(factors):.2f} with obs sigma "
+                f"{obs_sigma:g}), which costs EnSF accuracy; docs/results.md shows how many steps damp them")
+
     def _column_blocks(self, forecast: torch.Tensor, y: torch.Tensor,
                        obs: ObservationOperator) -> list[tuple[slice, ObservationOperator, torch.Tensor]]:
         """Column slices of about ``block_elements`` entries with their share of the observations
