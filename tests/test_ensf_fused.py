@@ -40,7 +40,7 @@ def problem(operator: str, indices: torch.Tensor, sigma: float = 0.5, seed: int 
 @pytest.mark.parametrize("operator", ["arctan", "identity"])
 @pytest.mark.parametrize("indices", [torch.arange(DIM), torch.arange(1, DIM, 3)], ids=["all", "every-third"])
 def test_fused_kernel_matches_the_torch_reverse_sde(prior_score, operator, indices):
-    # every variable observed, the kernel leaves the precision to its coefficient table
+    # with every variable observed ("all"), the kernel takes the precision from its coefficient table
     forecast, y, obs = problem(operator, indices)
     ensf = EnSF(ensemble_size=MEMBERS, steps=STEPS, prior_score=prior_score, backend="torch")
     reference = ensf.reverse_sde(forecast, y, obs,

@@ -111,8 +111,7 @@ def fused_reverse_sde(ensf: EnSF, forecast: torch.Tensor, y: torch.Tensor, obs: 
         _reverse_sde_kernel[(triton.cdiv(width, BLOCK), members)](
             z, center, values, precision, keys, coefficients, largest, width, dim or width, col_offset, row_offset,
             step, ARCTAN=obs.operator == "arctan", ALL_OBSERVED=all_observed, WHOLE_RUN=whole_run, STEPS=steps,
-            FAST=not _INTERPRETED,
-            BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=True)
+            FAST=not _INTERPRETED, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=True)
 
     if ensf.prior_score == "one_to_one":
         launch(forecast, 0, True, ensf.steps)
