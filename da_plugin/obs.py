@@ -126,6 +126,20 @@ class ObservationOperator:
         score[..., self.indices.to(z.device)] = score_obs
         return score
 
+    def likelihood_curvature(self, z: torch.Tensor) -> torch.Tensor:
+        """J_h(z)^T J_h(z) / sigma^2 (the Gauss-Newton curvature of -log p(y | z)), shape of ``z``:
+        1/sigma^2 (identity) or 1 / ((1 + z^2)^2 sigma^2) (arctan) where observed, 0 elsewhere."""
+        zo = self.observed(z)
+        if self.operator == "arctan":
+            curvature_obs = (1.0 + zo * zo).square_().reciprocal_().div_(self.sigma**2)
+        else:
+            curvature_obs = torch.full_like(zo, self.sigma**-2)
+        if self._all:
+            return curvature_obs
+        curvature = torch.zeros_like(z)
+        curvature[..., self.indices.to(z.device)] = curvature_obs
+        return curvature
+
     def check(self, y: torch.Tensor, where: str = "observations") -> None:
         """Reject observation vectors of the wrong size or with NaN/inf entries."""
         if y.shape[-1] != self.size:

@@ -142,21 +142,27 @@ def test_bad_input():
         EnSF(ensemble_size=3).analysis(torch.zeros(3, 4), y, obs, torch.Generator())
 
 
+@pytest.mark.parametrize("likelihood_step", ["explicit", "semi_implicit"])
 @pytest.mark.parametrize("steps,sigma", [(10, 0.3), (10, 1.0), (3, 1.0)])
-def test_steep_step_note_reports_the_factor_the_steps_apply(steps, sigma):
+def test_steep_step_note_reports_the_factor_the_steps_apply(steps, sigma, likelihood_step):
     # identity observations make the one-to-one reverse SDE linear in z: a difference in the draw
-    # at t = 1 reaches the analysis multiplied by every step's factor keep - likelihood / sigma^2
+    # at t = 1 reaches the analysis multiplied by every step's factor, keep - g with
+    # g = likelihood / sigma^2, or keep - g / (1 + g) with the semi-implicit step
     dim = 3
-    ensf = EnSF(ensemble_size=2, steps=steps, prior_score="one_to_one", backend="torch")
+    ensf = EnSF(ensemble_size=2, steps=steps, prior_score="one_to_one", backend="torch",
+                likelihood_step=likelihood_step)
     obs = ObservationOperator("identity", sigma, torch.arange(dim), dim)
     forecast = torch.tensor([[0.3, -1.0, 2.0], [1.0, 0.5, -0.2]], dtype=torch.float64)
     y = torch.tensor([0.4, -0.8, 1.9], dtype=torch.float64)
     draws = torch.randn(steps + 1, 2, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     nudged = draws.clone()
-    nudged[0, 1, 2] += 1e-3
+    nudged[0, 1, 2] += 1e6  # linear: a large nudge keeps the difference clear of rounding
     difference = (ensf.reverse_sde(forecast, y, obs, lambda k: nudged[k])
-                  - ensf.reverse_sde(forecast, y, obs, lambda k: draws[k]))[1, 2] / 1e-3
-    factors = [step.keep - step.likelihood / sigma**2 for step in ensf.schedule()]
+                  - ensf.reverse_sde(forecast, y, obs, lambda k: draws[k]))[1, 2] / 1e6
+    stiffness = [step.likelihood / sigma**2 for step in ensf.schedule()]
+    if likelihood_step == "semi_implicit":
+        stiffness = [g / (1 + g) for g in stiffness]
+    factors = [step.keep - g for step, g in zip(ensf.schedule(), stiffness)]
     torch.testing.assert_close(difference, torch.tensor(factors, dtype=torch.float64).prod(), rtol=1e-5, atol=0)
     note = ensf.steep_step_note(sigma)
     amplifying = sum(factor < -1 for factor in factors)
@@ -164,3 +170,30 @@ def test_steep_step_note_reports_the_factor_the_steps_apply(steps, sigma):
         assert f"{amplifying} of the filter.steps={steps}" in note and f"{min(factors):.2f}" in note
     else:
         assert note is None
+
+
+def test_semi_implicit_step_keeps_stiff_identity_observations_stable():
+    # sigma = 0.05 and K = 100: explicit steps multiply differences by down to -5 and the analysis
+    # blows up; the semi-implicit step stays near the observations, which pull hard
+    dim, sigma = 50, 0.05
+    gen = torch.Generator().manual_seed(0)
+    truth = torch.randn(dim, generator=gen, dtype=torch.float64)
+    forecast = truth + torch.randn(20, dim, generator=gen, dtype=torch.float64)
+    obs = ObservationOperator("identity", sigma, torch.arange(dim), dim)
+    y = obs.sample(truth, gen)
+    analyses = {}
+    for likelihood_step in ("explicit", "semi_implicit"):
+        ensf = EnSF(steps=100, backend="torch", likelihood_step=likelihood_step)
+        analyses[likelihood_step] = ensf.analysis(forecast, y, obs, torch.Generator().manual_seed(1))
+    assert not (analyses["explicit"].abs().max() < 1e10)  # huge, inf or NaN
+    assert (analyses["semi_implicit"].mean(0) - y).abs().max() < 0.5
+    assert EnSF(steps=100, likelihood_step="semi_implicit").steep_step_note(sigma) is None
+
+
+def test_semi_implicit_step_is_refused_by_the_fused_backend():
+    obs = ObservationOperator("arctan", 0.5, torch.arange(4), 4)
+    with pytest.raises(ValueError, match="semi_implicit needs filter.backend=torch"):
+        EnSF(backend="triton", likelihood_step="semi_implicit").uses_fused_kernel(torch.zeros(3, 4), obs)
+    assert not EnSF(likelihood_step="semi_implicit").uses_fused_kernel(torch.zeros(3, 4), obs)
+    with pytest.raises(ValueError, match="likelihood_step"):
+        EnSF(likelihood_step="implicit")

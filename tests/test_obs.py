@@ -56,3 +56,12 @@ def test_bad_input_is_rejected():
         obs.check(torch.tensor([0.0, 1.0, math.nan, math.inf]))
     with pytest.raises(ValueError, match="expected 4 values, found 3"):
         obs.check(torch.zeros(3))
+
+
+@pytest.mark.parametrize("operator", ["identity", "arctan"])
+def test_likelihood_curvature_is_the_squared_jacobian_over_sigma2(operator):
+    dim, sigma = 7, 0.3
+    obs = ObservationOperator(operator, sigma, torch.tensor([1, 4, 5]), dim)
+    z = torch.linspace(-3, 3, 2 * dim, dtype=torch.float64).reshape(2, dim).requires_grad_()
+    slopes, = torch.autograd.grad(obs(z).sum(), z)  # h is componentwise: the gradient holds h'(z) where observed
+    torch.testing.assert_close(obs.likelihood_curvature(z.detach()), slopes**2 / sigma**2)
