@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--operator", choices=["arctan", "identity"], default="arctan")
     parser.add_argument("--partial", action="store_true",
                         help="an operator that observes only some variables (a precision per variable)")
+    parser.add_argument("--semi-implicit", action="store_true", help="the semi-implicit likelihood step")
     parser.add_argument("--show", action="store_true", help="also print the fused kernel's main loop")
     args = parser.parse_args()
 
@@ -120,8 +121,9 @@ def main() -> None:
     fused_signature = {**{name: "*fp32" for name in pointers}, "keys_ptr": "*i64", "coef_ptr": "*i64",
                        "largest_ptr": "*fp32", "width": "i32", "dim": "i64", "col_offset": "i64",
                        "row_offset": "i64", "step": "i32"}
-    fused_constants = dict(ARCTAN=args.operator == "arctan", ALL_OBSERVED=not args.partial, WHOLE_RUN=True,
-                           STEPS=args.steps, FAST=True, BLOCK=args.block)
+    fused_constants = dict(ARCTAN=args.operator == "arctan", ALL_OBSERVED=not args.partial,
+                           SEMI_IMPLICIT=args.semi_implicit, WHOLE_RUN=True, STEPS=args.steps, FAST=True,
+                           BLOCK=args.block)
     fused, fused_registers = sass(ensf_fused._reverse_sde_kernel, fused_signature, fused_constants, args.arch,
                                   args.warps)
     floor, floor_registers = sass(_rng_only_kernel, {"out_ptr": "*fp32", "keys_ptr": "*i64", "width": "i32"},
@@ -132,7 +134,8 @@ def main() -> None:
 
     print(f"sm_{args.arch}, Triton {triton.__version__}, BLOCK={args.block}, {args.warps} warps "
           f"({elements} elements per thread), K={args.steps}, {args.operator} observations of "
-          + ("some variables" if args.partial else "every variable"))
+          + ("some variables" if args.partial else "every variable")
+          + (", semi-implicit likelihood step" if args.semi_implicit else ""))
     print("instructions per state element and Box-Muller pair (the fused kernel: two reverse-SDE steps)")
     print(f"{'unit':>10} {'fused':>8} {'floor':>8}")
     for unit in sorted(set(fused_units) | set(floor_units), key=lambda u: -fused_units[u]):

@@ -36,13 +36,15 @@ def problem(operator: str, indices: torch.Tensor, sigma: float = 0.5, seed: int 
     return forecast.to(DEVICE), obs.sample(truth, gen).to(DEVICE), obs
 
 
+@pytest.mark.parametrize("likelihood_step", ["explicit", "semi_implicit"])
 @pytest.mark.parametrize("prior_score", ["one_to_one", "mixture"])
 @pytest.mark.parametrize("operator", ["arctan", "identity"])
 @pytest.mark.parametrize("indices", [torch.arange(DIM), torch.arange(1, DIM, 3)], ids=["all", "every-third"])
-def test_fused_kernel_matches_the_torch_reverse_sde(prior_score, operator, indices):
+def test_fused_kernel_matches_the_torch_reverse_sde(prior_score, operator, indices, likelihood_step):
     # with every variable observed ("all"), the kernel takes the precision from its coefficient table
-    forecast, y, obs = problem(operator, indices)
-    ensf = EnSF(ensemble_size=MEMBERS, steps=STEPS, prior_score=prior_score, backend="torch")
+    forecast, y, obs = problem(operator, indices, sigma=0.5 if likelihood_step == "explicit" else 0.1)
+    ensf = EnSF(ensemble_size=MEMBERS, steps=STEPS, prior_score=prior_score, backend="torch",
+                likelihood_step=likelihood_step)
     reference = ensf.reverse_sde(forecast, y, obs,
                                  noise=lambda k: counter_normal(11, k, MEMBERS, 0, DIM, DIM, device=DEVICE))
     fused = fused_reverse_sde(ensf, forecast, y, obs, seed=11)
@@ -62,18 +64,31 @@ def test_short_runs_take_the_draws_the_torch_path_takes(steps):
     torch.testing.assert_close(fused_reverse_sde(ensf, forecast, y, obs, seed=4), reference, rtol=0, atol=2e-5)
 
 
-def test_the_scaled_table_reproduces_the_schedule():
-    # w = z / s_k through the table's rows gives the plain recurrence z' = keep z + center c + L(z) + noise xi
+@pytest.mark.parametrize("curvature", [0.0, 4.0], ids=["explicit", "semi-implicit"])
+@pytest.mark.parametrize("arctan", [True, False], ids=["arctan", "identity"])
+def test_the_scaled_table_reproduces_the_schedule(arctan, curvature):
+    # w = z / s_k through the table's rows gives the plain recurrence
+    # z' = keep z + center c + L(z) / (1 + likelihood curvature h'(z)^2) + noise xi
     schedule = EnSF(steps=7).schedule()
-    table = scaled_coefficients(schedule, arctan=True).double()
+    table = scaled_coefficients(schedule, arctan, curvature=curvature).double()
     gen = torch.Generator().manual_seed(0)
     z, center, draws = torch.randn(50, generator=gen), torch.randn(50, generator=gen), torch.randn(7, 50, generator=gen)
     score = torch.sin  # any score: the table scales the arctan score by s_k^2
+
+    def slope2(x):  # h'(x)^2
+        return 1.0 / (1.0 + x * x) ** 2 if arctan else torch.ones_like(x)
+
     plain, w = z.clone(), z * table[0, 1]
     for k, step in enumerate(schedule):
-        plain = step.keep * plain + step.center * center + step.likelihood * score(plain) + step.noise * draws[k]
-        scale, _, _, keep, centre, likelihood = table[k].tolist()
-        w = keep * w + centre * center + likelihood * scale**2 * score(scale * w) + draws[k]
+        increment = step.likelihood * score(plain) / (1.0 + step.likelihood * curvature * slope2(plain))
+        plain = step.keep * plain + step.center * center + increment + step.noise * draws[k]
+        scale, _, _, keep, centre, likelihood, kernel_curvature, _ = table[k].tolist()
+        if arctan:  # the kernel's score is s^2 L(z), divided by 1 + curvature' r^4 with r^2 = s^2 / (1 + z^2)
+            r2 = scale**2 / (1.0 + (scale * w) ** 2)
+            increment = likelihood * scale**2 * score(scale * w) / (1.0 + kernel_curvature * r2**2)
+        else:
+            increment = likelihood * score(scale * w)
+        w = keep * w + centre * center + increment + draws[k]
     torch.testing.assert_close(w * table[7, 0], plain, rtol=1e-6, atol=1e-6)
 
 
@@ -82,7 +97,8 @@ def _arctan_score_kernel(out_ptr, w_ptr, scale, y_precision, precision, n, ALL_O
                          FAST: tl.constexpr):
     i = tl.arange(0, 1024)
     w = tl.load(w_ptr + i, mask=i < n, other=0.0)
-    out = ensf_fused._arctan_score(w, 1.0 / scale, 1.0 / (scale * scale), y_precision, precision, ALL_OBSERVED, FAST)
+    out = ensf_fused._arctan_score(w, 1.0 / scale, 1.0 / (scale * scale), y_precision, precision, 0.0, ALL_OBSERVED,
+                                   False, FAST)
     tl.store(out_ptr + i, out, mask=i < n)
 
 

@@ -59,7 +59,7 @@ class EnSF:
     # observations); auto: triton where it can run, else torch
     backend: Literal["auto", "torch", "triton"] = "auto"
     # explicit: the paper's Euler-Maruyama step; semi_implicit: the likelihood increment divided by
-    # 1 + likelihood_k x the Gauss-Newton curvature h'(z)^2 / sigma^2, stable for any K (torch path)
+    # 1 + likelihood_k x the Gauss-Newton curvature h'(z)^2 / sigma^2, stable for any K
     likelihood_step: Literal["explicit", "semi_implicit"] = "explicit"
 
     def __post_init__(self) -> None:
@@ -98,13 +98,8 @@ class EnSF:
     def uses_fused_kernel(self, forecast: torch.Tensor, obs: ObservationOperator) -> bool:
         """Whether this analysis runs the fused Triton kernel (raises if backend=triton cannot)."""
         if self.backend == "triton":
-            if self.likelihood_step != "explicit":
-                raise ValueError("filter.backend=triton runs the explicit likelihood step only; "
-                                 "filter.likelihood_step=semi_implicit needs filter.backend=torch or auto")
             check_fusable(forecast, obs)
             return True
-        if self.likelihood_step != "explicit":
-            return False
         return (self.backend == "auto" and triton_usable(forecast.device) and forecast.dtype == torch.float32
                 and obs.operator in ("identity", "arctan"))
 

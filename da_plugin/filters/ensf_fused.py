@@ -99,8 +99,10 @@ def fused_reverse_sde(ensf: EnSF, forecast: torch.Tensor, y: torch.Tensor, obs: 
     else:
         values, precision = dense_observations(obs, y, width, forecast.device)
     schedule = ensf.schedule()
-    # two float32 per 64-bit word: the kernel loads a step's six coefficients in three loads
-    coefficients = scaled_coefficients(schedule, obs.operator == "arctan", obs.sigma**-2 if all_observed else 1.0)
+    semi_implicit = ensf.likelihood_step == "semi_implicit"
+    coefficients = scaled_coefficients(schedule, obs.operator == "arctan", obs.sigma**-2 if all_observed else 1.0,
+                                       obs.sigma**-2 if semi_implicit else 0.0)
+    # two float32 per 64-bit word: the kernel loads a step's coefficients in four loads at most
     coefficients = coefficients.view(torch.int64).to(forecast.device)
     keys = torch.tensor([pair_key(seed, first_draw // 2 + pair) for pair in range(ensf.steps // 2 + 1)],
                         dtype=torch.int64, device=forecast.device)
@@ -110,8 +112,9 @@ def fused_reverse_sde(ensf: EnSF, forecast: torch.Tensor, y: torch.Tensor, obs: 
     def launch(center: torch.Tensor, step: int, whole_run: bool, steps: int) -> None:
         _reverse_sde_kernel[(triton.cdiv(width, BLOCK), members)](
             z, center, values, precision, keys, coefficients, largest, width, dim or width, col_offset, row_offset,
-            step, ARCTAN=obs.operator == "arctan", ALL_OBSERVED=all_observed, WHOLE_RUN=whole_run, STEPS=steps,
-            FAST=not _INTERPRETED, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=True)
+            step, ARCTAN=obs.operator == "arctan", ALL_OBSERVED=all_observed, SEMI_IMPLICIT=semi_implicit,
+            WHOLE_RUN=whole_run, STEPS=steps, FAST=not _INTERPRETED, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            enable_fp_fusion=True)
 
     if ensf.prior_score == "one_to_one":
         launch(forecast, 0, True, ensf.steps)
@@ -128,8 +131,10 @@ def fused_reverse_sde(ensf: EnSF, forecast: torch.Tensor, y: torch.Tensor, obs: 
 ARCTAN_RANGE = 1e18  # |forecast| the fused arctan score handles (see _arctan_score)
 
 
-def scaled_coefficients(schedule: list[Step], arctan: bool, precision: float = 1.0) -> torch.Tensor:
-    """The kernel's per-step table ``[K + 1, 6]`` (s_k, 1/s_k, 1/s_k^2, keep', center', likelihood').
+def scaled_coefficients(schedule: list[Step], arctan: bool, precision: float = 1.0,
+                        curvature: float = 0.0) -> torch.Tensor:
+    """The kernel's per-step table ``[K + 1, 8]``: s_k, 1/s_k, 1/s_k^2, keep', center', likelihood',
+    curvature' and 0 (four 64-bit words per step).
 
     The kernel carries w = z / s_k, not z. With s_0 = 1 and s_{k+1} = noise_k (never 0), step k
     maps w to keep' w + center' c + likelihood' L' + xi: the normal draw enters with coefficient
@@ -138,14 +143,22 @@ def scaled_coefficients(schedule: list[Step], arctan: bool, precision: float = 1
     variable is observed with the one precision 1/sigma^2, the table carries it and the kernel
     computes y - h(z), another multiply saved per step. Row K holds s_K, which turns the last w
     back into z.
+
+    ``curvature`` is 1/sigma^2 for the semi-implicit likelihood step (0: explicit), which divides
+    the likelihood increment by 1 + likelihood_k h'(z)^2 / sigma^2 (unobserved variables have no
+    increment to divide). For the identity, h' = 1 and the divisor folds into likelihood'. For
+    the arctan, h'^2 = r^4 / s_k^4 in the kernel's terms, so curvature' is likelihood_k / (sigma^2
+    s_k^4).
     """
     scale = [1.0] + [step.noise for step in schedule]
     rows = []
     for k, step in enumerate(schedule):
         now, after = scale[k], scale[k + 1]
-        likelihood = precision * step.likelihood / after / (now * now if arctan else 1.0)
-        rows.append([now, 1.0 / now, 1.0 / (now * now), step.keep * now / after, step.center / after, likelihood])
-    rows.append([scale[-1], 1.0 / scale[-1], 1.0 / scale[-1] ** 2, 0.0, 0.0, 0.0])
+        stiffness = step.likelihood * curvature
+        likelihood = precision * step.likelihood / after / (now * now if arctan else 1.0 + stiffness)
+        rows.append([now, 1.0 / now, 1.0 / (now * now), step.keep * now / after, step.center / after, likelihood,
+                     stiffness / now**4 if arctan else 0.0, 0.0])
+    rows.append([scale[-1], 1.0 / scale[-1], 1.0 / scale[-1] ** 2, 0.0, 0.0, 0.0, 0.0, 0.0])
     return torch.tensor(rows, dtype=torch.float64).to(torch.float32)
 
 
@@ -180,10 +193,11 @@ if triton is not None:
         return 1.0 / x
 
     @triton.jit
-    def _arctan_score(w, inv_scale, inv_scale2, y_precision, precision, ALL_OBSERVED: tl.constexpr,
-                      FAST: tl.constexpr):
+    def _arctan_score(w, inv_scale, inv_scale2, y_precision, precision, curvature, ALL_OBSERVED: tl.constexpr,
+                      SEMI_IMPLICIT: tl.constexpr, FAST: tl.constexpr):
         """s^2 precision (y - atan z) / (1 + z^2) at z = s w, in 16 operations (ALL_OBSERVED: 15,
-        s^2 (y - atan z) / (1 + z^2), y_precision holding y).
+        s^2 (y - atan z) / (1 + z^2), y_precision holding y). SEMI_IMPLICIT: divided by
+        1 + curvature r^4, with one more operation and one more SFU reciprocal.
 
         With q = (1 + z^2) / s^2 and r = 1 / sqrt(q), s^2 / (1 + z^2) is r^2, and the half-angle
         identity atan z = 2 atan t, t = z / (1 + sqrt(1 + z^2)) = w / (q r + 1/s), brings every z
@@ -211,9 +225,12 @@ if triton is not None:
         minus_poly = tl.fma(t2, minus_poly, -0.3988470733165741)
         minus_poly = tl.fma(t2, minus_poly, 0.6666154861450195)
         minus_poly = tl.fma(t2, minus_poly, -1.999999761581421)
+        factor = r * r  # s^2 / (1 + z^2)
+        if SEMI_IMPLICIT:  # r^2 / (1 + curvature r^4) = 1 / (q + curvature r^2)
+            factor = _reciprocal(tl.fma(curvature, factor, q), FAST)
         if ALL_OBSERVED:
-            return tl.fma(t, minus_poly, y_precision) * (r * r)
-        return tl.fma(precision, t * minus_poly, y_precision) * (r * r)
+            return tl.fma(t, minus_poly, y_precision) * factor
+        return tl.fma(precision, t * minus_poly, y_precision) * factor
 
     @triton.jit
     def _pair(ptr):
@@ -223,15 +240,25 @@ if triton is not None:
                 (bits >> 32).to(tl.uint32).to(tl.float32, bitcast=True))
 
     @triton.jit
+    def _step_coefficients(coef_ptr, k):
+        """Row k of the table (see scaled_coefficients): four 64-bit words; what a caller leaves
+        unused is not loaded."""
+        row = coef_ptr + 4 * k
+        scale, inv_scale = _pair(row)
+        inv_scale2, keep = _pair(row + 1)
+        center_coef, likelihood = _pair(row + 2)
+        curvature = _pair(row + 3)[0]
+        return scale, inv_scale, inv_scale2, keep, center_coef, likelihood, curvature
+
+    @triton.jit
     def _sde_step(w, center, y_precision, precision, coef_ptr, k, xi, ARCTAN: tl.constexpr,
-                  ALL_OBSERVED: tl.constexpr, FAST: tl.constexpr):
+                  ALL_OBSERVED: tl.constexpr, SEMI_IMPLICIT: tl.constexpr, FAST: tl.constexpr):
         """Step k on w = z / s_k (see scaled_coefficients): keep' w + center' c + likelihood' L' + xi.
         ALL_OBSERVED: y_precision holds y and the table the precision."""
-        scale, inv_scale = _pair(coef_ptr + 3 * k)
-        inv_scale2, keep = _pair(coef_ptr + 3 * k + 1)
-        center_coef, likelihood = _pair(coef_ptr + 3 * k + 2)
+        scale, inv_scale, inv_scale2, keep, center_coef, likelihood, curvature = _step_coefficients(coef_ptr, k)
         if ARCTAN:
-            score = _arctan_score(w, inv_scale, inv_scale2, y_precision, precision, ALL_OBSERVED, FAST)
+            score = _arctan_score(w, inv_scale, inv_scale2, y_precision, precision, curvature, ALL_OBSERVED,
+                                  SEMI_IMPLICIT, FAST)
         elif ALL_OBSERVED:
             score = tl.fma(w, -scale, y_precision)  # -scale: once per thread, -w: once per element
         else:
@@ -241,12 +268,13 @@ if triton is not None:
     @triton.jit
     def _reverse_sde_kernel(z_ptr, center_ptr, y_ptr, precision_ptr, keys_ptr, coef_ptr, largest_ptr,
                             width, dim, col_offset, row_offset, step,
-                            ARCTAN: tl.constexpr, ALL_OBSERVED: tl.constexpr, WHOLE_RUN: tl.constexpr,
-                            STEPS: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr):
+                            ARCTAN: tl.constexpr, ALL_OBSERVED: tl.constexpr, SEMI_IMPLICIT: tl.constexpr,
+                            WHOLE_RUN: tl.constexpr, STEPS: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr):
         """One member (row) and BLOCK columns. WHOLE_RUN: draw z at t = 1, then steps [0, STEPS)
         with w = z / s_k in registers; else the single step ``step`` on the stored z. ARCTAN and
         WHOLE_RUN: also raise ``largest`` to the largest |centre| seen. ALL_OBSERVED: the table
-        holds the precision, which the kernel then neither loads nor applies."""
+        holds the precision, which the kernel then neither loads nor applies. SEMI_IMPLICIT: the
+        semi-implicit likelihood step (EnSF.likelihood_step)."""
         row = tl.program_id(1).to(tl.int64)
         cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = cols < width
@@ -264,21 +292,25 @@ if triton is not None:
             # step k uses draw k + 1; each pair's two draws go to steps of one loop pass, so the
             # products r cos and r sin fuse into the updates
             z, first = _polar(counter, keys_ptr, FAST)
-            w = z * _pair(coef_ptr)[1]
+            w = z * _step_coefficients(coef_ptr, 0)[1]
             if STEPS >= 1:
-                w = _sde_step(w, center, y_precision, precision, coef_ptr, 0, first, ARCTAN, ALL_OBSERVED, FAST)
+                w = _sde_step(w, center, y_precision, precision, coef_ptr, 0, first, ARCTAN,
+                              ALL_OBSERVED, SEMI_IMPLICIT, FAST)
             for j in range((STEPS - 1) // 2):  # steps 2j + 1 and 2j + 2 take pair j + 1
                 even, odd = _polar(counter, keys_ptr + j + 1, FAST)
-                w = _sde_step(w, center, y_precision, precision, coef_ptr, 2 * j + 1, even, ARCTAN, ALL_OBSERVED, FAST)
-                w = _sde_step(w, center, y_precision, precision, coef_ptr, 2 * j + 2, odd, ARCTAN, ALL_OBSERVED, FAST)
+                w = _sde_step(w, center, y_precision, precision, coef_ptr, 2 * j + 1, even, ARCTAN,
+                              ALL_OBSERVED, SEMI_IMPLICIT, FAST)
+                w = _sde_step(w, center, y_precision, precision, coef_ptr, 2 * j + 2, odd, ARCTAN,
+                              ALL_OBSERVED, SEMI_IMPLICIT, FAST)
             if STEPS >= 2 and STEPS % 2 == 0:  # the last step, K - 1, takes the cosine of pair K / 2
                 even, odd = _polar(counter, keys_ptr + STEPS // 2, FAST)
-                w = _sde_step(w, center, y_precision, precision, coef_ptr, STEPS - 1, even, ARCTAN, ALL_OBSERVED, FAST)
-            z = w * _pair(coef_ptr + 3 * STEPS)[0]
+                w = _sde_step(w, center, y_precision, precision, coef_ptr, STEPS - 1, even, ARCTAN,
+                              ALL_OBSERVED, SEMI_IMPLICIT, FAST)
+            z = w * _step_coefficients(coef_ptr, STEPS)[0]
         else:
-            w = tl.load(z_ptr + offsets, mask=inside, other=0.0) * _pair(coef_ptr + 3 * step)[1]
+            w = tl.load(z_ptr + offsets, mask=inside, other=0.0) * _step_coefficients(coef_ptr, step)[1]
             even, odd = _polar(counter, keys_ptr + (step + 1) // 2, FAST)
             w = _sde_step(w, center, y_precision, precision, coef_ptr, step, tl.where(step % 2 == 0, odd, even),
-                          ARCTAN, ALL_OBSERVED, FAST)
-            z = w * _pair(coef_ptr + 3 * (step + 1))[0]
+                          ARCTAN, ALL_OBSERVED, SEMI_IMPLICIT, FAST)
+            z = w * _step_coefficients(coef_ptr, step + 1)[0]
         tl.store(z_ptr + offsets, z, mask=inside)
