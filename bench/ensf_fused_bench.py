@@ -86,7 +86,7 @@ def measure(d: int, args: argparse.Namespace, bandwidth: float) -> dict:
     """One row: fused, torch, both floors and peak memories for state size d."""
     n, k = args.members, args.steps
     forecast, y, obs = problem(d, n)
-    fused = EnSF(ensemble_size=n, steps=k, backend="triton")
+    fused = EnSF(ensemble_size=n, steps=k, backend="triton", likelihood_step=args.likelihood_step)
     torch.cuda.reset_peak_memory_stats()
     fused_ms = cuda_ms(lambda: fused_reverse_sde(fused, forecast, y, obs, seed=1), args.repeats)
     fused_peak = torch.cuda.max_memory_allocated() / 2**30
@@ -96,7 +96,7 @@ def measure(d: int, args: argparse.Namespace, bandwidth: float) -> dict:
     row = dict(d=d, fused_ms=fused_ms, rng_floor_ms=rng_ms, memory_floor_ms=memory_ms, fused_peak_gib=fused_peak,
                fused_gbs=min_bytes / (fused_ms / 1e3) / 1e9)
     if d <= args.max_torch_dim:
-        plain = EnSF(ensemble_size=n, steps=k, backend="torch")
+        plain = EnSF(ensemble_size=n, steps=k, backend="torch", likelihood_step=args.likelihood_step)
         gen = torch.Generator(device="cuda").manual_seed(2)
         torch.cuda.reset_peak_memory_stats()
         try:
@@ -112,7 +112,7 @@ def measure(d: int, args: argparse.Namespace, bandwidth: float) -> dict:
 def sweep(d: int, args: argparse.Namespace) -> None:
     """Fused time over BLOCK and num_warps (module constants of ensf_fused) at state size d."""
     forecast, y, obs = problem(d, args.members)
-    ensf = EnSF(ensemble_size=args.members, steps=args.steps, backend="triton")
+    ensf = EnSF(ensemble_size=args.members, steps=args.steps, backend="triton", likelihood_step=args.likelihood_step)
     default = ensf_fused.BLOCK, ensf_fused.NUM_WARPS
     print(f"sweep at d={d:,}: BLOCK num_warps fused ms, RNG floor ms, ratio")
     for block in (256, 512, 1024, 2048):
@@ -133,6 +133,8 @@ def main() -> None:
     parser.add_argument("--max-torch-dim", type=int, default=100_000_000,
                         help="largest d for which the straightforward torch version is also timed")
     parser.add_argument("--sweep", type=int, metavar="D", help="also sweep block size and warps at this d")
+    parser.add_argument("--likelihood-step", choices=["explicit", "semi_implicit"], default="explicit",
+                        help="EnSF.likelihood_step of both versions")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA device (bench/ensf_bench.py covers the CPU)")
@@ -140,7 +142,8 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     bandwidth = copy_bandwidth(torch.device("cuda"), gbytes=4.0)
     print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}; "
-          f"measured copy bandwidth {bandwidth:.0f} GB/s; N={args.members}, K={args.steps}, arctan obs, float32")
+          f"measured copy bandwidth {bandwidth:.0f} GB/s; N={args.members}, K={args.steps}, arctan obs, float32, "
+          f"{args.likelihood_step} likelihood step")
     if args.sweep:
         sweep(args.sweep, args)
     header = (f"{'d':>12} {'fused ms':>9} {'torch ms':>9} {'speedup':>8} {'mem floor':>9} {'rng floor':>9} "
