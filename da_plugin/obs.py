@@ -120,11 +120,7 @@ class ObservationOperator:
             score_obs = (y - torch.atan(zo)) / ((1.0 + zo * zo) * self.sigma**2)
         else:
             score_obs = (y - zo) / self.sigma**2
-        if self._all:
-            return score_obs
-        score = torch.zeros_like(z)
-        score[..., self.indices.to(z.device)] = score_obs
-        return score
+        return self._on_state(score_obs, z)
 
     def likelihood_curvature(self, z: torch.Tensor) -> torch.Tensor:
         """J_h(z)^T J_h(z) / sigma^2 (the Gauss-Newton curvature of -log p(y | z)), shape of ``z``:
@@ -134,11 +130,15 @@ class ObservationOperator:
             curvature_obs = (1.0 + zo * zo).square_().reciprocal_().div_(self.sigma**2)
         else:
             curvature_obs = torch.full_like(zo, self.sigma**-2)
+        return self._on_state(curvature_obs, z)
+
+    def _on_state(self, at_observed: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Values at the observed variables (``[..., m]``) spread onto the state's shape, 0 elsewhere."""
         if self._all:
-            return curvature_obs
-        curvature = torch.zeros_like(z)
-        curvature[..., self.indices.to(z.device)] = curvature_obs
-        return curvature
+            return at_observed
+        spread = torch.zeros_like(z)
+        spread[..., self.indices.to(z.device)] = at_observed
+        return spread
 
     def check(self, y: torch.Tensor, where: str = "observations") -> None:
         """Reject observation vectors of the wrong size or with NaN/inf entries."""
