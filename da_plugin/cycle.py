@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 from da_plugin.filters import FILTERS
 from da_plugin.filters.ensf import EnSF
-from da_plugin.io import AnalysisWriter, staged_output, write_json, write_yaml
+from da_plugin.io import AnalysisWriter, write_json, write_yaml
 from da_plugin.models import MODELS
 from da_plugin.obs import ObsConfig, ObservationOperator
 from da_plugin.plotting import plot_error_series
+from megavit.atomic import staged_output
 from megavit.config import ConfigError, load_config, registry_field, to_dict
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

@@ -1,45 +1,19 @@
-"""Outputs of a DA run: a staging directory made atomic, CF netCDF diagnostics, JSON/YAML.
+"""Outputs of a DA run: CF netCDF diagnostics, JSON/YAML.
 
-Every file is written into a hidden staging directory beside the final outputs and moved
-into ``output_dir`` only when the run succeeds, so a failed or interrupted run never leaves
-partial files and never clobbers the outputs of an earlier run.
+The files are written into a staging directory (:func:`megavit.atomic.staged_output`) and
+moved into ``output_dir`` only when the run succeeds, so a failed or interrupted run never
+leaves partial files and never clobbers the outputs of an earlier run.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import yaml
-
-
-@contextmanager
-def staged_output(output_dir: str | Path) -> Iterator[Path]:
-    """Yield a staging directory; on success move its files into ``output_dir``, else discard."""
-    output_dir = Path(output_dir)
-    created = not output_dir.exists()
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=output_dir))
-    except OSError as err:
-        raise OSError(f"output_dir {str(output_dir)!r} is not writable: {err.strerror or err}") from None
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(output_dir.iterdir()):
-            output_dir.rmdir()
-        raise
-    for item in staging.iterdir():
-        os.replace(item, output_dir / item.name)
-    staging.rmdir()
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

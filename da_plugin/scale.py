@@ -32,9 +32,10 @@ from tqdm import tqdm
 from da_plugin.counter_rng import counter_normal
 from da_plugin.distributed import Launch, Slab, detect_launch, ensf_analysis, init_distributed, rk4_step
 from da_plugin.filters.ensf import EnSF
-from da_plugin.io import staged_output, write_json, write_yaml
+from da_plugin.io import write_json, write_yaml
 from da_plugin.models.lorenz96 import Lorenz96
 from da_plugin.obs import ObservationOperator, Operator
+from megavit.atomic import staged_output
 from megavit.config import ConfigError, load_config, to_dict
 
 # counter-generator draws of the twin experiment, far from the analyses' draws (cycle * noise_draws + k)

@@ -1,13 +1,13 @@
 """Slab-decomposed Lorenz-96 on 1-4 gloo ranks against the single-process model."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from da_plugin.counter_rng import counter_normal
 from da_plugin.distributed import Slab, ensf_analysis, exchange_halo, rk4_step
 from da_plugin.filters import EnSF
@@ -15,12 +15,6 @@ from da_plugin.models import Lorenz96
 from da_plugin.obs import ObservationOperator
 
 DIM, STEPS, FORCING, DT = 23, 7, 8.0, 0.05  # 23 is divisible by none of 2, 3, 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def observed(slab: Slab) -> tuple[torch.Tensor, ObservationOperator]:

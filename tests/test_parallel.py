@@ -7,7 +7,6 @@ saw; the tests compare that against hand-computed sums and against the model on 
 import datetime
 import os
 import re
-import socket
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from megavit.model import ViT, load_vit_config, mse_loss
 from megavit.parallel import (
     ColumnParallelLinear,
@@ -147,12 +147,6 @@ def rank_main(rank: int, port: int, out: str) -> None:
         torch.save(results, f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import free_port
 from da_plugin.distributed import Launch, detect_launch, init_distributed
 from da_plugin.scale import ScaleConfig, run
 from megavit.config import load_config
@@ -23,12 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs/da/l96_ensf_scale.yaml"
 SMALL = ["model.dim=203", "cycles=3", "spinup_steps=50", "filter.steps=10", "progress=false", "device=cpu"]
 MPIEXEC = [str(Path(sys.executable).parent / "mpiexec"), "--allow-run-as-root", "--oversubscribe"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 LAUNCHER_VARIABLES = {"torchrun": ("RANK", "WORLD_SIZE", "LOCAL_RANK"),

@@ -13,28 +13,18 @@ Converting between layouts needs ``layout.json``: the parallel sizes and the mod
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from megavit.atomic import write_json_atomic, write_text_atomic
+
 LATEST = "latest"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON (or a plain string) to ``path`` via a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(data if isinstance(data, str) else json.dumps(data, indent=1))
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
 
 
 def write_layout(checkpoint_dir: Path, tag: str, layout: dict[str, Any]) -> None:
     """Record ``layout`` in the tag's directory, then point ``latest`` at the tag."""
     write_json_atomic(checkpoint_dir / tag / "layout.json", layout)
-    write_json_atomic(checkpoint_dir / LATEST, tag)
+    write_text_atomic(checkpoint_dir / LATEST, tag)
 
 
 def resolve_tag(checkpoint_dir: Path, tag: str) -> str:

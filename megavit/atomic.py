@@ -1,0 +1,148 @@
+"""Publishing outputs atomically: a reader finds the previous output or the complete new one, never a mix.
+
+One mechanism, write under a hidden name in the destination's directory and ``os.replace`` it
+into place, in two shapes:
+
+* one file: :func:`atomic_path` (any writer that takes a path, such as netCDF4),
+  :func:`atomic_file` (a file object), :func:`write_text_atomic`, :func:`write_json_atomic`;
+* a set of files (a DA run's outputs, a shard set): :class:`Staging`, a hidden directory inside
+  the output directory that writers fill, and whose entries :meth:`Staging.publish` moves into
+  place together, putting the previous entries back if a rename fails.
+
+Files are fsynced before the rename and get the permissions a plain ``open`` would give them
+(``tempfile`` makes them private to the owner), so a group sharing the filesystem can read them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import IO, Any, Iterator, Sequence
+
+STAGING_PREFIX = ".staging-"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a hidden temporary path beside ``path``; on success it replaces ``path``, else it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file for writing that replaces ``path`` when the block completes."""
+    with atomic_path(path) as tmp, open(tmp, mode) as handle:
+        yield handle
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_file(path) as handle:
+        handle.write(text)
+
+
+def write_json_atomic(path: str | Path, data: Any, indent: int = 1) -> None:
+    write_text_atomic(path, json.dumps(data, indent=indent) + "\n")
+
+
+class Staging:
+    """A hidden directory inside ``out_dir`` that holds a run's outputs until they are published.
+
+    Writers put files under :meth:`file` (or anywhere in :attr:`path`); :meth:`publish` moves the
+    staged top-level entries into ``out_dir``, replacing older ones; :meth:`discard` (also on
+    leaving a ``with`` block) removes whatever is still staged, and ``out_dir`` itself if this
+    staging created it and nothing else is in it. Several processes can share one staging
+    directory: one creates it with :meth:`create`, the others join with ``Staging(out_dir, path)``.
+    """
+
+    def __init__(self, out_dir: str | Path, path: str | Path, created: bool = False) -> None:
+        self.out_dir, self.path, self.created = Path(out_dir), Path(path), created
+
+    @classmethod
+    def create(cls, out_dir: str | Path) -> Staging:
+        """Make ``out_dir`` if needed and a fresh staging directory inside it."""
+        out_dir = Path(out_dir)
+        created = not out_dir.exists()
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir)
+        except OSError as err:
+            raise OSError(f"output directory {str(out_dir)!r} is not writable: {err.strerror or err}") from None
+        return cls(out_dir, path, created)
+
+    def file(self, name: str) -> Path:
+        """Staged path of output ``name`` (relative to ``out_dir``); creates its parent directories."""
+        path = self.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def publish(self, names: Sequence[str] | None = None) -> None:
+        """Move the staged entries ``names`` (default: all, sorted) into ``out_dir`` in that order.
+
+        If a rename fails, the entries already moved go back to staging and the ones they replaced
+        back into ``out_dir``, so ``out_dir`` is left as it was.
+        """
+        names = sorted(p.name for p in self.path.iterdir()) if names is None else list(names)
+        replaced = Path(tempfile.mkdtemp(prefix=".replaced-", dir=self.path))
+        moved: list[str] = []
+        try:
+            for name in names:
+                target = self.out_dir / name
+                if os.path.lexists(target):
+                    os.replace(target, replaced / name)
+                os.replace(self.path / name, target)
+                moved.append(name)
+        except OSError:
+            for name in moved:
+                os.replace(self.out_dir / name, self.path / name)
+            for entry in replaced.iterdir():
+                os.replace(entry, self.out_dir / entry.name)
+            raise
+        shutil.rmtree(replaced)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self.created:
+            with suppress(OSError):  # not empty: something else lives there now
+                self.out_dir.rmdir()
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+
+@contextmanager
+def staged_output(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a staging directory for one process's outputs; on success publish all of it, else discard it."""
+    with Staging.create(out_dir) as staging:
+        yield staging.path
+        staging.publish()
