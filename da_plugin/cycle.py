@@ -29,9 +29,8 @@ from da_plugin.models import MODELS
 from da_plugin.obs import ObsConfig, ObservationOperator
 from da_plugin.plotting import plot_error_series
 from megavit.atomic import staged_output
-from megavit.config import ConfigError, load_config, registry_field, to_dict
+from megavit.config import DTYPES, config_errors, load_config, registry_field, to_dict
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -184,11 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides applied after the file, e.g. obs.sigma=0.1")
     args = parser.parse_args(argv)
-    try:
+    with config_errors("da-cycle"):
         config = load_config(CycleConfig, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"da-cycle: error: {err}", file=sys.stderr)
-        return 2
     try:
         summary = run(config)
     except (ValueError, OSError, FloatingPointError) as err:

@@ -36,7 +36,7 @@ from da_plugin.io import write_json, write_yaml
 from da_plugin.models.lorenz96 import Lorenz96
 from da_plugin.obs import ObservationOperator, Operator
 from megavit.atomic import staged_output
-from megavit.config import ConfigError, load_config, to_dict
+from megavit.config import config_errors, load_config, to_dict
 
 # counter-generator draws of the twin experiment, far from the analyses' draws (cycle * noise_draws + k)
 TRUTH_DRAW, ENSEMBLE_DRAW, OBS_DRAW = 1 << 40, (1 << 40) + 2, 1 << 41
@@ -266,11 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                   "defaults are used without one")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.dim=1e7")
     args = parser.parse_args(argv)
-    try:
+    with config_errors("da_plugin.scale"):
         config = load_config(ScaleConfig, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"da_plugin.scale: error: {err}", file=sys.stderr)
-        return 2
     launch = detect_launch()
     try:
         summary = run(config, launch)

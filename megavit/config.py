@@ -9,17 +9,23 @@ polymorphic section: its ``name`` key (else the default entry) picks the datacla
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
+from typing import Any, Iterator, Literal, Mapping, Sequence, TypeVar, Union
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+"""The precisions a config or option may name, by name."""
 
 
 class ConfigError(ValueError):
@@ -37,6 +43,17 @@ def registry_field(registry: Mapping[str, type], default: str) -> Any:
 def load_config(schema: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
     """Read ``path`` (YAML), apply dotted ``overrides`` and build a validated ``schema``."""
     return build(schema, load_mapping(path, overrides))
+
+
+@contextlib.contextmanager
+def config_errors(prog: str) -> Iterator[None]:
+    """For a command-line tool: a :class:`ConfigError` raised inside prints ``prog: error: ...`` and
+    exits with status 2, argparse's convention for a bad command line."""
+    try:
+        yield
+    except ConfigError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def load_mapping(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:

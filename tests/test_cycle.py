@@ -21,7 +21,10 @@ SMALL = [
 
 def run_cli(tmp_path, *overrides, name="out"):
     out = tmp_path / name
-    code = main([str(ROOT / "configs/da/l96_ensf.yaml"), *SMALL, f"output_dir={out}", *overrides])
+    try:
+        code = main([str(ROOT / "configs/da/l96_ensf.yaml"), *SMALL, f"output_dir={out}", *overrides])
+    except SystemExit as exit_:  # a bad command line or config exits with 2, as argparse does
+        code = exit_.code
     return code, out
 
 

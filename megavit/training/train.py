@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from megavit.config import ConfigError, load_config
+from megavit.config import ConfigError, config_errors, load_config
 from megavit.training.config import TrainConfig
 
 
@@ -41,12 +41,9 @@ def load_deepspeed_config(path: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+    with config_errors("megavit-train"):
         config = load_config(TrainConfig, args.config, args.overrides)
         ds_config = load_deepspeed_config(args.deepspeed_config or config.deepspeed.config)
-    except ConfigError as err:
-        print(f"megavit-train: error: {err}", file=sys.stderr)
-        return 2
     from megavit.training.trainer import NonFiniteLoss, Trainer
 
     try:
