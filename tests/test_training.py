@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "megavit/training/train.py")
@@ -85,6 +86,46 @@ def test_tensor_and_sequence_parallel_training_matches_one(tmp_path):
         assert np.isfinite(list(reference.values())).all()
         np.testing.assert_allclose([parallel[s] for s in range(1, 5)], [reference[s] for s in range(1, 5)],
                                    rtol=1e-4)
+
+
+def layer_states(tag_dir: Path, tp: int) -> dict[str, list[torch.Tensor]]:
+    """Each pipeline layer parameter of a checkpoint as its list of TP shards (one per TP rank)."""
+    states = {}
+    for layer_file in sorted(tag_dir.glob("layer_*-model_00-model_states.pt")):
+        shards = [torch.load(tag_dir / layer_file.name.replace("model_00", f"model_{r:02d}"), weights_only=False)
+                  for r in range(tp)]
+        for name in shards[0]:
+            states[f"{layer_file.name[:8]}.{name}"] = [shard[name] for shard in shards]
+    return states
+
+
+def gather(shards: list[torch.Tensor], full_shape: torch.Size) -> torch.Tensor:
+    """The full tensor from its TP shards: replicated ones must agree exactly, split ones are concatenated."""
+    if shards[0].shape == full_shape:
+        for rank, shard in enumerate(shards[1:], 1):
+            assert torch.equal(shard, shards[0]), f"replicated parameter differs between TP ranks 0 and {rank}"
+        return shards[0]
+    split = next(d for d in range(len(full_shape)) if shards[0].shape[d] * len(shards) == full_shape[d])
+    return torch.cat(shards, split)
+
+
+def test_sequence_parallel_on_pipeline_stages_matches_one(tmp_path):
+    # tp=2 x pp=2 with sequence parallelism: each TP rank's tokens cross the stage boundary whole, and
+    # the partial LayerNorm/bias grads are summed over TP (both failed before: a forward mix of the
+    # ranks' tokens, and replicated LayerNorm weights drifting apart between TP ranks)
+    torchrun(1, tmp_path / "one", "parallel.engine=pipeline", ds_config="zero1_fp32")
+    torchrun(4, tmp_path / "sp", "parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
+             ds_config="zero1_fp32")
+    for metric in ("loss", "grad_norm"):  # the global gradient norm sees partial grads at once
+        reference, parallel = losses(tmp_path / "one", metric), losses(tmp_path / "sp", metric)
+        np.testing.assert_allclose([parallel[s] for s in range(1, 5)], [reference[s] for s in range(1, 5)],
+                                   rtol=1e-5)
+    reference = layer_states(tmp_path / "one" / "checkpoints" / "step0000004", tp=1)
+    parallel = layer_states(tmp_path / "sp" / "checkpoints" / "step0000004", tp=2)
+    assert sorted(parallel) == sorted(reference)
+    for name, (full,) in reference.items():
+        np.testing.assert_allclose(gather(parallel[name], full.shape).numpy(), full.numpy(), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
 
 
 def test_resume_continues_with_the_same_losses(single, tmp_path):

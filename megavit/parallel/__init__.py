@@ -3,9 +3,9 @@
 from megavit.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
-    allreduce_sequence_parallel_grads,
     divide,
     mark_sequence_parallel,
+    sequence_parallel_grad_hooks,
 )
 from megavit.parallel.mappings import (
     all_gather_to_tensor_parallel_region,
@@ -32,7 +32,6 @@ __all__ = [
     "RowParallelLinear",
     "Topology",
     "all_gather_to_tensor_parallel_region",
-    "allreduce_sequence_parallel_grads",
     "copy_to_tensor_parallel_region",
     "deepspeed_topology",
     "divide",
@@ -45,6 +44,7 @@ __all__ = [
     "reduce_scatter_to_sequence_parallel_region",
     "scatter_to_sequence_parallel_region",
     "scatter_to_tensor_parallel_region",
+    "sequence_parallel_grad_hooks",
     "shared_seed",
     "tensor_parallel_rng",
 ]

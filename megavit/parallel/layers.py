@@ -7,7 +7,7 @@ Parameters carry attributes that the rest of the stack reads instead of guessing
   in gradient norms, replicated ones only on TP rank 0);
 * ``sequence_parallel = True``: the parameter is replicated across TP but, under sequence
   parallelism, only sees this rank's tokens, so its gradient is a partial sum that
-  :func:`allreduce_sequence_parallel_grads` completes.
+  the hooks of :func:`sequence_parallel_grad_hooks` complete.
 
 Full weights are drawn from the global RNG and sliced, so a layer built from one seed holds the
 same numbers at every TP size (every TP rank must be seeded alike).
@@ -124,27 +124,12 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def allreduce_sequence_parallel_grads(model: nn.Module, group: ProcessGroup | None) -> None:
-    """Sum over the TP group the gradients of parameters tagged ``sequence_parallel``.
-
-    Under sequence parallelism LayerNorms and row-layer biases see only this rank's tokens, so
-    each rank holds a partial gradient. Call after backward, before the optimizer step (and
-    before any data-parallel gradient reduction that partitions the gradients).
-    """
-    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads or group_size(group) == 1:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    for grad, reduced in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(reduced.view_as(grad))
-
-
 def sequence_parallel_grad_hooks(model: nn.Module, group: ProcessGroup | None) -> None:
     """Sum the gradients of ``sequence_parallel`` parameters over the TP group as backward makes them.
 
-    The hook form of :func:`allreduce_sequence_parallel_grads`, for engines (DeepSpeed ZeRO) that
-    reduce and partition gradients inside backward, before a post-backward call could run.
+    Under sequence parallelism LayerNorms and row-layer biases see only this rank's tokens, so
+    each rank computes a partial gradient. The sum happens in a hook, not after backward,
+    because DeepSpeed (ZeRO, the pipeline engine) reduces and partitions gradients inside backward.
     """
     if group_size(group) == 1:
         return

@@ -23,8 +23,7 @@ from megavit.config import to_dict
 from megavit.data import SQGShards, SyntheticFrames
 from megavit.model.pipeline import build_chain, build_pipeline
 from megavit.model.vit import Block, flops_per_sample, mse_loss
-from megavit.parallel import DeepSpeedMPU, ParallelDims, Topology
-from megavit.parallel.layers import sequence_parallel_grad_hooks
+from megavit.parallel import DeepSpeedMPU, ParallelDims, Topology, sequence_parallel_grad_hooks
 from megavit.training.config import TrainConfig
 from megavit.training.schedule import warmup_cosine
 
@@ -91,7 +90,7 @@ class Trainer:
             s, warmup_steps=config.optim.warmup_steps, total_steps=config.train.steps,
             min_ratio=config.optim.min_lr_ratio))
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=self._engine_config(ds_config),
             mpu=None if config.uses_pipeline else DeepSpeedMPU(self.topology))
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         self.micro = self.engine.train_micro_batch_size_per_gpu()
@@ -114,12 +113,25 @@ class Trainer:
                                    **parallel)
         else:
             model = build_chain(config.model, self.dims, **parallel)
-            if self.dims.sp_enabled:  # partial LayerNorm/bias grads summed over TP before ZeRO partitions them
-                sequence_parallel_grad_hooks(model, self.topology.tp_group)
+        if self.dims.sp_enabled:  # partial LayerNorm/bias grads summed over TP before ZeRO partitions them
+            sequence_parallel_grad_hooks(model, self.topology.tp_group)
         if config.train.compile_blocks:
             for block in (m for m in model.modules() if isinstance(m, Block)):
                 block.compile()
         return model
+
+    def _engine_config(self, ds_config: dict) -> dict:
+        """The DeepSpeed JSON, with what our layout requires of the pipeline engine.
+
+        DeepSpeed's pipeline sends 1/tp of each activation and gradient between stages and
+        all-gathers them over TP on arrival (``pipe_partitioned``, ``grad_partitioned``), which
+        assumes they are replicated across TP. Under sequence parallelism each TP rank holds its
+        own tokens, so the stage boundary must carry each rank's tensor whole.
+        """
+        if not (self.config.uses_pipeline and self.dims.sp_enabled):
+            return ds_config
+        pipeline = dict(ds_config.get("pipeline", {}), pipe_partitioned=False, grad_partitioned=False)
+        return dict(ds_config, pipeline=pipeline)
 
     def _datasets(self, config: TrainConfig) -> tuple[Dataset, Dataset]:
         model = config.model
