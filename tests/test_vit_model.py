@@ -67,9 +67,10 @@ def test_stage_shapes_and_chain():
     frames, lead_time, _ = batch(config, size=3)
     tokens = model.embedding((frames, lead_time))
     assert tokens.shape == (3, config.num_tokens, config.embed_dim)
-    x = (frames, lead_time)
-    for stage in model.stages():
-        x = stage(x)
+    for block in model.blocks:  # a pipeline may cut between any two layers: one tensor passes
+        tokens = block(tokens)
+        assert tokens.shape == (3, config.num_tokens, config.embed_dim)
+    x = model.head(tokens)
     torch.testing.assert_close(x, model(frames, lead_time), rtol=0, atol=0)
     assert x.shape == (3, 2, *config.image_size)
     assert "pos_embed" not in dict(model.named_parameters())  # fixed, not learned

@@ -1,17 +1,17 @@
 """The SQG Vision Transformer and its tensor-parallel attention and MLP."""
 
 from megavit.model.attention import ATTENTION_BACKENDS, ParallelAttention, attend
+from megavit.model.config import ViTConfig, load_vit_config
 from megavit.model.mlp import ParallelMLP
 from megavit.model.vit import (
     Block,
     ViT,
-    ViTConfig,
     ViTEmbedding,
     ViTHead,
     block_flops,
     count_parameters,
     flops_per_sample,
-    load_vit_config,
+    layer_specs,
     mse_loss,
 )
 
@@ -28,6 +28,7 @@ __all__ = [
     "block_flops",
     "count_parameters",
     "flops_per_sample",
+    "layer_specs",
     "load_vit_config",
     "mse_loss",
 ]

@@ -1,4 +1,4 @@
-"""The SQG Vision Transformer (ClimaX-derived), top to bottom: config, patches, embedding, block, head, FLOPs.
+"""The SQG Vision Transformer (ClimaX-derived), top to bottom: patches, embedding, block, head, model, FLOPs.
 
 One SQG frame ``[B, V, H, W]`` (V = 2 boundary levels) is cut into p x p patches; each variable
 has its own patch embedding; a learned query attends over the V variable tokens at each patch
@@ -6,8 +6,8 @@ position (variable aggregation); a fixed 2-D sin-cos position embedding and a li
 embedding are added; L pre-norm transformer blocks follow; a final norm and a two-layer head map
 each token back to its V x p x p patch values. The loss is the MSE in normalized space.
 
-The model is a plain chain of stages, each a module whose forward takes and returns one value,
-so that a pipeline can cut it between any two stages:
+The model is a plain chain of layers (:func:`layer_specs`), each a module whose forward takes and
+returns one value, so that a pipeline can cut it between any two of them:
 
     ViTEmbedding   (frames [B, V, H, W], lead_time [B]) -> tokens
     Block  x L     tokens -> tokens
@@ -20,18 +20,16 @@ layers in attention, MLP and head; the embedding is small and runs replicated on
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from pathlib import Path
-from typing import Literal, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from megavit.config import ConfigError, build, load_mapping
-from megavit.model.attention import ParallelAttention, check_attention_backend
+from megavit.model.attention import ParallelAttention
+from megavit.model.config import ViTConfig
 from megavit.model.mlp import ParallelMLP
 from megavit.parallel import (
     ColumnParallelLinear,
@@ -46,90 +44,6 @@ from megavit.parallel.layers import INIT_STD
 from megavit.parallel.mappings import ProcessGroup
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class ViTConfig:
-    """Architecture of the SQG ViT: the ``model:`` section of ``configs/vit/*.yaml``."""
-
-    image_size: tuple[int, int] = (32, 32)
-    """Grid (H, W) of one frame."""
-    patch_size: int = 4
-    """Side p of the square patches; H and W must be multiples of it. Tokens T = (H/p)(W/p)."""
-    in_vars: int = 2
-    """Variables V per frame: the two SQG boundary levels."""
-    embed_dim: int = 64
-    """Token width D."""
-    num_layers: int = 2
-    """Transformer blocks L."""
-    num_heads: int = 4
-    """Attention heads (also of the variable aggregation); must divide embed_dim."""
-    mlp_ratio: int = 4
-    """MLP hidden width as a multiple of embed_dim."""
-    dropout: float = 0.0
-    """Dropout on the MLP hidden features and on both residual branches of every block."""
-    attention_dropout: float = 0.0
-    """Dropout on the attention probabilities."""
-    attention_backend: Literal["sdpa", "flash", "math"] = "sdpa"
-    """sdpa: torch scaled_dot_product_attention (flash/cuDNN/memory-efficient kernels on GPU);
-    flash: the flash-attn package (bf16/fp16, GPU); math: explicit softmax(q k^T) v, the reference."""
-    checkpoint_every: int = 0
-    """Activation checkpointing: recompute every k-th block (blocks 0, k, 2k, ...) in backward;
-    1 = every block, 0 = off."""
-
-    def __post_init__(self) -> None:
-        check_attention_backend(self.attention_backend)
-        self.image_size = tuple(self.image_size)
-        problems = [f"{name} must be >= 1, got {getattr(self, name)}"
-                    for name in ("patch_size", "in_vars", "embed_dim", "num_layers", "num_heads", "mlp_ratio")
-                    if getattr(self, name) < 1]
-        if problems:  # the divisibility checks below need positive sizes
-            raise ValueError("; ".join(problems))
-        if len(self.image_size) != 2 or any(s % self.patch_size for s in self.image_size):
-            problems.append(f"image_size={list(self.image_size)} must be two multiples of patch_size={self.patch_size}")
-        if self.embed_dim % self.num_heads:
-            problems.append(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
-        if self.embed_dim % 4:
-            problems.append(f"embed_dim={self.embed_dim} must be a multiple of 4 (2-D sin-cos position embedding)")
-        for name in ("dropout", "attention_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.checkpoint_every < 0:
-            problems.append(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Patches per column and per row, (H/p, W/p)."""
-        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def mlp_hidden(self) -> int:
-        return self.mlp_ratio * self.embed_dim
-
-    def check_layout(self, dims: ParallelDims) -> None:
-        """Raise ValueError naming every size that cannot be split over the (tp, dp, pp) grid ``dims``."""
-        dims.check_model(num_heads=self.num_heads, hidden_size=self.embed_dim, ffn_hidden_size=self.mlp_hidden,
-                         num_layers=self.num_layers, num_tokens=self.num_tokens)
-
-
-def load_vit_config(path: str | Path, overrides: Sequence[str] = ()) -> ViTConfig:
-    """The ``model:`` section of a YAML file plus dotted ``model.key=value`` overrides.
-
-    Other top-level sections (training, data, ...) are left to their own loaders.
-    """
-    wrong = [item for item in overrides if not item.startswith("model.") or "=" not in item]
-    if wrong:
-        raise ConfigError(f"model overrides must have the form model.key=value, got {wrong}")
-    section = load_mapping(path, overrides).get("model")
-    if section is None:
-        raise ConfigError(f"config file {path} has no 'model' section")
-    return build(ViTConfig, section, "model")
 
 
 def patchify(frames: Tensor, patch_size: int) -> Tensor:
@@ -281,41 +195,68 @@ class ViTHead(nn.Module):
         return unpatchify(patches, self.variables, self.image_size, self.patch_size)
 
 
+def layer_specs(config: ViTConfig, *, group: ProcessGroup | None = None,
+                sequence_parallel: bool = False) -> list[partial[nn.Module]]:
+    """The model as a chain of unbuilt layers: embedding, ``num_layers`` blocks, head.
+
+    The one place the network is assembled: :class:`ViT` builds every layer, a pipeline stage
+    only its own (:func:`megavit.model.pipeline.build_pipeline`). Activation checkpointing
+    applies to blocks 0, k, 2k, ... for ``checkpoint_every = k``.
+    """
+    every = config.checkpoint_every
+    parallel = dict(group=group, sequence_parallel=sequence_parallel)
+    return [partial(ViTEmbedding, config, **parallel),
+            *(partial(Block, config, **parallel, checkpoint=every > 0 and i % every == 0)
+              for i in range(config.num_layers)),
+            partial(ViTHead, config, **parallel)]
+
+
 class ViT(nn.Module):
     """The SQG surrogate: frame at time t and lead time -> predicted frame at t + lead time.
+
+    Layer i of :func:`layer_specs` is built right after ``torch.manual_seed(seed + i)``, as
+    DeepSpeed's pipeline does with ``seed_layers``, so every (tp, pp) layout and this
+    single-module form start from the same weights. Parameter names are ``layers.<i>.*``.
 
     Args:
         config: the architecture.
         group: the tensor-parallel group (``None``: one device, no tensor parallelism).
         sequence_parallel: shard the tokens across ``group`` between attention and MLP.
+        seed: base seed of the layers' initial weights (reseeds torch's global generator).
     """
 
     def __init__(self, config: ViTConfig, *, group: ProcessGroup | None = None,
-                 sequence_parallel: bool = False) -> None:
+                 sequence_parallel: bool = False, seed: int = 0) -> None:
         super().__init__()
         tp = group_size(group)
         config.check_layout(ParallelDims(tp=tp, world_size=tp, sequence_parallel=sequence_parallel))
-        every = config.checkpoint_every
         self.config = config
-        self.embedding = ViTEmbedding(config, group=group, sequence_parallel=sequence_parallel)
-        self.blocks = nn.ModuleList(
-            Block(config, group=group, sequence_parallel=sequence_parallel, checkpoint=every > 0 and i % every == 0)
-            for i in range(config.num_layers)
-        )
-        self.head = ViTHead(config, group=group, sequence_parallel=sequence_parallel)
+        layers = []
+        for index, spec in enumerate(layer_specs(config, group=group, sequence_parallel=sequence_parallel)):
+            torch.manual_seed(seed + index)
+            layers.append(spec())
+        self.layers = nn.ModuleList(layers)
         logger.info("ViT D=%d L=%d heads=%d tokens=%d: %.2fM parameters on this rank (tp=%d)", config.embed_dim,
                     config.num_layers, config.num_heads, config.num_tokens, count_parameters(self) / 1e6, tp)
 
-    def stages(self) -> list[nn.Module]:
-        """The model as a chain of one-input, one-output stages, for cutting into pipeline stages."""
-        return [self.embedding, *self.blocks, self.head]
+    @property
+    def embedding(self) -> ViTEmbedding:
+        return self.layers[0]
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.layers[1:-1]
+
+    @property
+    def head(self) -> ViTHead:
+        return self.layers[-1]
 
     def forward(self, frames: Tensor, lead_time: Tensor) -> Tensor:
         """``frames [B, V, H, W]``, ``lead_time [B]`` -> predicted frames ``[B, V, H, W]``."""
-        x = self.embedding((frames, lead_time))
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
+        x = (frames, lead_time)
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
 
 def mse_loss(prediction: Tensor, target: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from megavit.model.vit import ViTConfig
+from megavit.model.config import ViTConfig
 
 
 @dataclass

@@ -21,8 +21,8 @@ from tqdm import tqdm
 from megavit.checkpoint import read_layout, resolve_tag, write_layout
 from megavit.config import to_dict
 from megavit.data import SQGShards, SyntheticFrames
-from megavit.model.pipeline import build_chain, build_pipeline
-from megavit.model.vit import Block, flops_per_sample, mse_loss
+from megavit.model.pipeline import build_pipeline
+from megavit.model.vit import Block, ViT, flops_per_sample, mse_loss
 from megavit.parallel import DeepSpeedMPU, ParallelDims, Topology, sequence_parallel_grad_hooks
 from megavit.training.config import TrainConfig
 from megavit.training.schedule import warmup_cosine
@@ -107,12 +107,12 @@ class Trainer:
             (self.output / "config.json").write_text(json.dumps(to_dict(config), indent=1))
 
     def _build_model(self, config: TrainConfig) -> torch.nn.Module:
-        parallel = dict(group=self.topology.tp_group, seed=config.train.seed)
         if config.uses_pipeline:
-            model = build_pipeline(config.model, self.dims, partition_method=config.parallel.partition_method,
-                                   **parallel)
-        else:
-            model = build_chain(config.model, self.dims, **parallel)
+            model = build_pipeline(config.model, self.dims, group=self.topology.tp_group, seed=config.train.seed,
+                                   partition_method=config.parallel.partition_method)
+        else:  # the whole chain on one stage, for ZeRO-2 (which the pipeline engine does not support)
+            model = ViT(config.model, group=self.topology.tp_group, sequence_parallel=self.dims.sp_enabled,
+                        seed=config.train.seed)
         if self.dims.sp_enabled:  # partial LayerNorm/bias grads summed over TP before ZeRO partitions them
             sequence_parallel_grad_hooks(model, self.topology.tp_group)
         if config.train.compile_blocks:
