@@ -164,6 +164,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return float(value)
     if hint in (int, str, bool) and type(value) is hint:
         return value
+    if hint is int and isinstance(value, float) and value.is_integer():  # model.dim=1e7
+        return int(value)
     raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, found {value!r}")
 
 

@@ -56,6 +56,7 @@ def test_file_then_overrides(tmp_path):
         (["inner.kind=fsat"], r"inner.kind: 'fsat' is not one of \['fast', 'slow'\]; did you mean fast"),
         (["part.name=alfa"], r"part.name: unknown value 'alfa'.*did you mean alpha"),
         (["seed=abc"], r"seed: expected int, found 'abc'"),
+        (["seed=2.5"], r"seed: expected int, found 2.5"),
         (["seed=-1"], r"seed must be >= 0, got -1"),
         (["seed"], r"not of the form key=value"),
     ],
@@ -75,3 +76,9 @@ def test_a_file_that_is_not_a_mapping(tmp_path):
     path.write_text("- seed: 1\n")
     with pytest.raises(ConfigError, match="must hold a mapping at the top level"):
         load_config(Outer, path)
+
+
+def test_integral_floats_are_accepted_for_integer_keys():
+    # what model.dim=1e7 means on the command line; 2.5 is refused above
+    assert load_config(Outer, None, ["seed=1e7", "part.size=2.0"]).seed == 10_000_000
+    assert load_config(Outer, None, ["part.size=2.0"]).part.size == 2

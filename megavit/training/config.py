@@ -38,7 +38,7 @@ class DataConfig:
     lead: int = 1
     """Frames between input and target (1 = the shard's output interval)."""
     synthetic_samples: int = 4096
-    num_workers: int = 0
+    """Samples in the synthetic training set (its validation set has 1/8 as many)."""
 
 
 @dataclass
