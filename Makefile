@@ -7,11 +7,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: demo test bench venv clean data-tiny train-tiny
+.PHONY: demo test test-fast lint bench venv clean data-tiny train-tiny
 
 venv: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -20,8 +20,16 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(BIN)/da-cycle configs/da/l96_ensf.yaml output_dir=runs/demo_l96_ensf
 
-test: $(STAMP)
+# the whole suite, after the linter (CI runs this through .ci/run)
+test: lint
 	$(BIN)/python -m pytest -q tests
+
+# the edit-test loop: everything except the multi-process and slow tests (about a minute)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not multiprocess and not slow" tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	$(BIN)/python bench/ensf_bench.py
