@@ -183,6 +183,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------- tests of the spawned ranks
 
+@pytest.mark.multiprocess
 def test_mappings_forward_and_backward_match_hand_sums(ranks):
     x = [mapping_input(r) for r in range(WORLD)]
 
@@ -216,6 +217,7 @@ def test_mappings_are_identities_without_a_group():
         assert torch.equal(y, x) and torch.equal(x.grad, mapping_grad(0, x.shape)), name
 
 
+@pytest.mark.multiprocess
 def test_parallel_linear_shards_are_slices_of_the_full_weight(ranks):
     torch.manual_seed(0)
     column, row = ColumnParallelLinear(6, 8), RowParallelLinear(8, 6)
@@ -227,6 +229,7 @@ def test_parallel_linear_shards_are_slices_of_the_full_weight(ranks):
         torch.testing.assert_close(row_b, row.bias.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", ["tp", "tp_sp"])
 def test_tensor_and_sequence_parallel_match_one_process(ranks, layout):
     reference = model_grads([], None, sequence_parallel=False)
@@ -240,6 +243,7 @@ def test_tensor_and_sequence_parallel_match_one_process(ranks, layout):
         assert relative_error(grads[name], want) < 1e-5, f"{layout}: gradient of {name}"
 
 
+@pytest.mark.multiprocess
 def test_sequence_parallel_needs_the_layernorm_grad_sum(ranks):
     reference = model_grads([], None, sequence_parallel=False)["grads"]
     parts = [r["tp_sp_unsummed"] for r in ranks]
@@ -250,6 +254,7 @@ def test_sequence_parallel_needs_the_layernorm_grad_sum(ranks):
         assert not torch.allclose(parts[0]["grads"][name][0], parts[1]["grads"][name][0]), name
 
 
+@pytest.mark.multiprocess
 def test_tp_dropout_replays_under_activation_checkpointing(ranks):
     for rank in range(WORLD):
         plain, checkpointed = ranks[rank]["dropout"], ranks[rank]["dropout_checkpointed"]
@@ -258,6 +263,7 @@ def test_tp_dropout_replays_under_activation_checkpointing(ranks):
             torch.testing.assert_close(checkpointed["grads"][name][0], grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.multiprocess
 def test_dropout_masks_differ_inside_and_match_outside_the_tp_region(ranks):
     first, second = ranks[0]["masks_tp"], ranks[1]["masks_tp"]
     assert torch.equal(first["outside"], second["outside"])
@@ -268,6 +274,7 @@ def test_dropout_masks_differ_inside_and_match_outside_the_tp_region(ranks):
     assert not torch.equal(ranks[0]["masks_dp"]["outside"], ranks[1]["masks_dp"]["outside"])
 
 
+@pytest.mark.multiprocess
 def test_deepspeed_mpu_answers(ranks):
     tp0, tp1, dp1 = ranks[0]["mpu_tp"], ranks[1]["mpu_tp"], ranks[1]["mpu_dp"]
     assert tp1["get_tensor_model_parallel_rank"] == tp1["get_slice_parallel_rank"] == 1
@@ -279,6 +286,7 @@ def test_deepspeed_mpu_answers(ranks):
     assert dp1["get_pipeline_model_parallel_group"] == dp1["get_pipe_parallel_group"] == [1]
 
 
+@pytest.mark.multiprocess
 def test_model_rejects_heads_not_divisible_by_tp(ranks):
     assert "num_heads=1 is not divisible by tp=2" in ranks[0]["bad_heads"]
 

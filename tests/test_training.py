@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "megavit/training/train.py")
 TINY = str(ROOT / "configs/vit/tiny.yaml")
