@@ -1,4 +1,4 @@
-"""megavit.data on shards written by tools/nc2npy_mpi.py: pairs, normalization and errors."""
+"""megavit.data.shards reading shards written by tools/nc2npy_mpi.py: pairs, normalization and errors."""
 
 import shutil
 import subprocess

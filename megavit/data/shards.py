@@ -1,23 +1,117 @@
-"""Training pairs from the SQG shards written by ``tools/nc2npy_mpi.py``, and a synthetic stand-in.
+"""Training shards on disk: the format `megavit.data.preprocess` writes and the trainer reads.
 
-A shard is a float32 ``.npy`` array of consecutive frames ``[n, 2, ny, nx]``; a sample is the
-pair (frame i, frame i + lead) inside one shard, normalized per level with the train split's
-``normalize_mean.npz`` / ``normalize_std.npz`` (key ``pv``, shape ``[2]``). Shards are
-memory-mapped, so a rank reads only the frames its sampler hands it. Layout:
+A split directory (``train/``, ``val/``, ``test/``) holds shards, float32 ``.npy`` arrays of
+consecutive frames ``[n, 2, ny, nx]``; beside them ``normalize_mean.npz`` / ``normalize_std.npz``
+(key ``pv``, per-level statistics of the train split, shape ``[2]``), ``climatology.npz`` (key
+``pv``, the train split's time mean, ``[2, ny, nx]``) and ``meta.json`` (layout, time step, days,
+shards, sources). The writer side (`Shard`, `new_shard`, `write_statistics`, `metadata`,
+`write_metadata`) and the reader side (`SQGShards`, `Normalization`) share the names below.
+A sample is the pair (frame i, frame i + lead) inside one shard, normalized per level; shards
+are memory-mapped, so a rank reads only the frames its sampler hands it. Layout:
 docs/preprocessing.md.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from megavit.data.sqg_netcdf import DAY, Timeline
+
 HINT = "write the shards with tools/nc2npy_mpi.py (docs/preprocessing.md)"
+SPLITS = ("train", "val", "test")
+KEY = "pv"  # the array's name in every statistics file
+MEAN_FILE, STD_FILE, CLIMATOLOGY_FILE = "normalize_mean.npz", "normalize_std.npz", "climatology.npz"
+STATISTICS = (MEAN_FILE, STD_FILE, CLIMATOLOGY_FILE)
+META_FILE = "meta.json"
+LAYOUT = "each shard is a float32 C-order .npy array [frame, level, y, x] of consecutive frames"
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass
+class Shard:
+    """Frames [start, stop) of a time line, stored as shard `index` of `split`."""
+
+    split: str
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        """Path of the shard file relative to the shard directory."""
+        return f"{self.split}/shard_{self.index:05d}.npy"
+
+
+def new_shard(path: str | Path, frames: int, grid: Sequence[int]) -> np.memmap:
+    """A shard file of `frames` float32 frames of shape `grid` (z, y, x), memory-mapped for writing."""
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(frames, *grid))
+
+
+def save_npz(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """np.savez with fixed member timestamps, so equal arrays give byte-identical files."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for key, value in arrays.items():
+            with archive.open(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w") as member:
+                np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
+
+
+def write_statistics(directory: str | Path, mean: np.ndarray, std: np.ndarray, climatology: np.ndarray) -> None:
+    """The train split's statistics files in `directory`: per-level mean and std, per-point time mean."""
+    for name, value in ((MEAN_FILE, mean), (STD_FILE, std), (CLIMATOLOGY_FILE, climatology)):
+        save_npz(Path(directory) / name, {KEY: value})
+
+
+def metadata(timeline: Timeline, splits: Mapping[str, tuple[int, int]], shards: Sequence[Shard],
+             days: Mapping[str, float], num_shards: int) -> dict[str, Any]:
+    """Everything a reader needs besides the arrays: layout, time step, days, shards, sources.
+
+    `splits` maps each split to its frames [a, b) of `timeline`; `days` are the day bounds asked for.
+    """
+    first_run = timeline.runs[0]
+    entries = {}
+    for split, (a, b) in splits.items():
+        listed = [{"file": s.name, "frames": s.stop - s.start, "first_frame": s.start - a,
+                   "time_seconds": [float(timeline.times[s.start]), float(timeline.times[s.stop - 1])]}
+                  for s in shards if s.split == split]
+        entries[split] = {"frames": b - a, "first_day": float(timeline.days[a]), "shards": listed}
+    return {
+        "variable": KEY,
+        "units": first_run.units,
+        "layout": LAYOUT,
+        "shape": list(timeline.grid),
+        "levels": first_run.levels,
+        "dt_seconds": timeline.step,
+        "days": dict(days),
+        "num_shards": num_shards,
+        "statistics": {"files": list(STATISTICS), "key": KEY, "split": "train", "dtype": "float64",
+                       "normalize_shape": [timeline.grid[0]], "climatology_shape": list(timeline.grid)},
+        "splits": entries,
+        "sources": [{"path": os.path.abspath(run.path), "frames": len(run.times),
+                     "first_day": float(run.times[0] / DAY)} for run in timeline.runs],
+        "attributes": first_run.attributes,
+    }
+
+
+def write_metadata(directory: str | Path, meta: Mapping[str, Any]) -> None:
+    """meta.json in `directory`: the file that vouches for the shards, published last."""
+    (Path(directory) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
 
 
 @dataclass(frozen=True)
@@ -32,19 +126,19 @@ class Normalization:
         """Read normalize_mean.npz and normalize_std.npz from the shard root."""
         root = Path(root)
         arrays = []
-        for name in ("normalize_mean.npz", "normalize_std.npz"):
+        for name in (MEAN_FILE, STD_FILE):
             path = root / name
             if not path.is_file():
                 raise FileNotFoundError(f"statistics file {path} is missing; {HINT}")
             with np.load(path) as stats:
-                if "pv" not in stats:
-                    raise ValueError(f"{path}: no array 'pv' (found {sorted(stats.files)})")
-                arrays.append(np.asarray(stats["pv"], dtype=np.float64))
+                if KEY not in stats:
+                    raise ValueError(f"{path}: no array {KEY!r} (found {sorted(stats.files)})")
+                arrays.append(np.asarray(stats[KEY], dtype=np.float64))
         mean, std = arrays
         if mean.shape != (2,) or std.shape != (2,):
             raise ValueError(f"{root}: normalization arrays must have shape (2,), found {mean.shape} and {std.shape}")
         if not np.all(std > 0):
-            raise ValueError(f"{root / 'normalize_std.npz'}: standard deviations must be > 0, found {std}")
+            raise ValueError(f"{root / STD_FILE}: standard deviations must be > 0, found {std}")
         return cls(mean, std)
 
     def apply(self, frames: np.ndarray) -> np.ndarray:
@@ -58,7 +152,7 @@ class SQGShards(Dataset):
     def __init__(self, root: str | Path, split: str, lead: int = 1,
                  image_size: tuple[int, int] | None = None) -> None:
         self.root = Path(root)
-        meta_path = self.root / "meta.json"
+        meta_path = self.root / META_FILE
         if not meta_path.is_file():
             raise FileNotFoundError(f"no shard directory at {self.root} (missing meta.json); {HINT}")
         meta = json.loads(meta_path.read_text())

@@ -1,41 +1,41 @@
-"""Shared helpers of the SQG preprocessing tools `sqg_split_mpi.py` and `nc2npy_mpi.py`.
+"""SQG truth runs on disk: sqgturb-style netCDF files, written and read here only.
 
-One place for: opening and validating sqgturb-style netCDF runs (`pv(t, z, y, x)` plus a time
-coordinate `t` with a units attribute), joining runs into one time line (day <-> frame index),
-reading frames with missing-data checks, parallel statistics (Chan et al. moments), and the MPI
-plumbing that stops every rank together on an error and publishes outputs only after all ranks
-succeeded. Functions take an mpi4py communicator but this module never imports MPI, so it can
-be unit-tested in a plain process. The rules are documented in docs/preprocessing.md.
+A run file holds ``pv(t, z, y, x)`` (potential-temperature anomaly in K, 2 levels: z = 0 and
+z = H), coordinates ``x``, ``y``, ``z`` (m) and ``t`` (time with a units attribute; our files
+write seconds of model time) and the model parameters as global attributes. The writer side
+(`create_run`, `check_run`, `RunWriter`) serves the truth generator (da_plugin.models.sqg_truth);
+the reader side (`open_run`, `Timeline`, `FrameReader`, `read_pv`) serves it and the
+preprocessing tools (megavit.data.preprocess, megavit.data.split_runs), and also accepts
+sqgturb's own files. Layout and rules: docs/sqg.md and docs/preprocessing.md.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import sys
-import tempfile
-import traceback
-import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
 import netCDF4
 import numpy as np
-from tqdm import tqdm
 
-T = TypeVar("T")
+from megavit.atomic import atomic_path
 
-SECONDS_PER_DAY = 86400.0
+DAY = 86400.0  # seconds
 PV_DIMENSIONS = ("t", "z", "y", "x")
 LEVELS = 2
-BLOCK_BYTES = 64 * 2**20  # frames move between netCDF and disk in blocks of at most this size
+FORMAT = "NETCDF3_64BIT_OFFSET"  # a frame appended to a netCDF-3 file is complete or absent, see RunWriter
+PV_COMMENT = ("pv is the potential-temperature anomaly in K, (f theta0 / g) times the model pv of sqgturb "
+              "(whose own files store the model pv, in m/s, under units 'K')")
+BLOCK_BYTES = 64 * 2**20  # default most bytes of frames moved between netCDF and disk at once
 SPACING_RTOL = 0.01  # frame spacing may vary this much (float32 seconds round at large t)
 _SECONDS_PER_UNIT = {
     "s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0,
     "min": 60.0, "minute": 60.0, "minutes": 60.0,
     "h": 3600.0, "hr": 3600.0, "hour": 3600.0, "hours": 3600.0,
-    "d": SECONDS_PER_DAY, "day": SECONDS_PER_DAY, "days": SECONDS_PER_DAY,
+    "d": DAY, "day": DAY, "days": DAY,
 }
 
 
@@ -43,12 +43,86 @@ class InputError(ValueError):
     """Bad input files or arguments; the message names the file, the variable, expected and found."""
 
 
-class PipelineError(RuntimeError):
-    """Raised on every rank when any rank failed, with the failed ranks' messages."""
+# ---------------------------------------------------------------------------------------------
+# Writing runs
+
+
+def create_run(path: str | Path, *, n: int, length: float, height: float, title: str, creator: str,
+               attributes: Mapping[str, Any]) -> None:
+    """An empty run file (0 frames) of an ``n`` x ``n`` grid on a square of side ``length`` (m) with lids
+    at z = 0 and ``height`` (m); ``attributes`` (the run's identity) follow title, history and comment
+    as global attributes. Published atomically: ``path`` is a complete file or absent."""
+    with atomic_path(path) as tmp, netCDF4.Dataset(tmp, "w", format=FORMAT) as ds:
+        ds.title = title
+        ds.history = f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} created by {creator}"
+        ds.comment = PV_COMMENT
+        for key, value in attributes.items():
+            ds.setncattr(key, value)
+        for name, size in zip(PV_DIMENSIONS, (None, LEVELS, n, n)):
+            ds.createDimension(name, size)
+        pv = ds.createVariable("pv", "f4", PV_DIMENSIONS)
+        pv.units = "K"
+        pv.long_name = "potential temperature anomaly at z = 0 and z = H"
+        for name, values in (("x", np.arange(n) * length / n), ("y", np.arange(n) * length / n),
+                             ("z", np.array([0.0, height]))):
+            coordinate = ds.createVariable(name, "f4", (name,))
+            coordinate.units = "meters"
+            coordinate[:] = values
+        t = ds.createVariable("t", "f8", ("t",))
+        t.units = "seconds"
+        t.long_name = "model time since the initial state"
+
+
+def check_run(path: str | Path, identity: Mapping[str, Any], n: int) -> int:
+    """Frames in the run file ``path``, after checking that its global attributes hold ``identity``
+    and its pv is ``(t, 2, n, n)`` (before appending to it)."""
+    try:
+        ds = netCDF4.Dataset(path, "r")
+    except OSError as err:
+        raise InputError(f"{path}: cannot be read as netCDF ({err})") from None
+    with ds:
+        found = {key: _plain(ds.getncattr(key)) for key in ds.ncattrs()}
+        differ = [f"{key}: file {found.get(key, 'missing')!r}, requested {value!r}" for key, value in identity.items()
+                  if key not in found or not _same(found[key], value)]
+        if differ:
+            raise InputError(f"{path} does not match the requested run (different preset or options?): "
+                             + "; ".join(differ))
+        if "pv" not in ds.variables or ds.variables["pv"].shape[1:] != (LEVELS, n, n):
+            raise InputError(f"{path}: expected pv(t, {LEVELS}, {n}, {n})")
+        return len(ds.dimensions["t"])
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(b, str) or isinstance(a, str):
+        return str(a) == str(b)
+    return bool(np.all(np.asarray(a) == np.asarray(b)) or (np.isnan(a) and np.isnan(b)))
+
+
+class RunWriter:
+    """A run file open for writing frames. Each ``write`` is synced to disk, and netCDF-3 raises the
+    header's record count only after the data, so a killed writer leaves a readable file."""
+
+    def __init__(self, path: str | Path):
+        self.dataset = netCDF4.Dataset(path, "a")
+
+    def write(self, index: int, pv: np.ndarray, seconds: float) -> None:
+        """Store frame ``index`` (appended, or rewritten): pv ``[2, n, n]`` in K at model time ``seconds``."""
+        self.dataset.variables["pv"][index] = pv
+        self.dataset.variables["t"][index] = seconds
+        self.dataset.sync()
+
+    def close(self) -> None:
+        self.dataset.close()
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------------
-# Runs and their time line
+# Reading runs and their time line
 
 
 @dataclass
@@ -139,14 +213,13 @@ def frame_step(times: np.ndarray, where: str) -> float:
     if irregular.size:
         i = int(irregular[0])
         raise InputError(f"{where}: frames are not uniformly spaced: {steps[i]:g} s between frames {i} and "
-                         f"{i + 1} (days {times[i] / SECONDS_PER_DAY:g} and {times[i + 1] / SECONDS_PER_DAY:g}), "
-                         f"expected {nominal:g} s")
+                         f"{i + 1} (days {times[i] / DAY:g} and {times[i + 1] / DAY:g}), expected {nominal:g} s")
     return float((times[-1] - times[0]) / (len(times) - 1))
 
 
 def frames_for_days(days: float, step: float, where: str) -> int:
     """Number of frames in `days` days of output every `step` seconds; must be a whole number >= 1."""
-    frames = days * SECONDS_PER_DAY / step
+    frames = days * DAY / step
     if round(frames) < 1 or abs(frames - round(frames)) > 1e-6 * max(1.0, frames):
         raise InputError(f"{where}: {days:g} days is not a whole number of output intervals "
                          f"({step / 3600:g} h each)")
@@ -184,16 +257,16 @@ class Timeline:
 
     @property
     def days(self) -> np.ndarray:
-        return self.times / SECONDS_PER_DAY
+        return self.times / DAY
 
     @property
     def tolerance_days(self) -> float:
         """Day comparisons snap to frames within a quarter interval (float32 rounding of stored seconds)."""
-        return 0.25 * self.step / SECONDS_PER_DAY
+        return 0.25 * self.step / DAY
 
     def day_range(self) -> tuple[float, float]:
         """The days covered, [first frame, last frame + one interval)."""
-        return float(self.days[0]), float(self.days[-1] + self.step / SECONDS_PER_DAY)
+        return float(self.days[0]), float(self.days[-1] + self.step / DAY)
 
     def frame_at(self, day: float) -> int:
         """Index of the first frame at or after `day`: the frames in days [a, b) are frame_at(a):frame_at(b)."""
@@ -249,9 +322,10 @@ class FrameReader:
         self.close()
 
 
-def frame_blocks(start: int, stop: int, frame_bytes: int) -> Iterator[tuple[int, int]]:
-    """Consecutive [a, b) blocks of frames [start, stop), each at most BLOCK_BYTES (at least one frame)."""
-    size = max(1, BLOCK_BYTES // max(1, frame_bytes))
+def frame_blocks(start: int, stop: int, frame_bytes: int, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, int]]:
+    """Consecutive [a, b) blocks of frames [start, stop), each at most `block_bytes` (at least one frame),
+    so that a rank's memory stays bounded however long the run."""
+    size = max(1, block_bytes // max(1, frame_bytes))
     for first in range(start, stop, size):
         yield first, min(first + size, stop)
 
@@ -271,177 +345,3 @@ def expand_inputs(paths: Sequence[str]) -> list[str]:
         else:
             raise InputError(f"{path}: no such file or directory")
     return files
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics
-
-
-@dataclass
-class Moments:
-    """Count, mean and M2 (sum of squared deviations) in float64, combinable in any grouping.
-
-    Chan, Golub & LeVeque (1979) pairwise update, stable where sums of squares are not:
-    delta = mean_b - mean_a, mean = mean_a + delta n_b / n, M2 = M2_a + M2_b + delta^2 n_a n_b / n.
-    """
-
-    count: int
-    mean: np.ndarray
-    m2: np.ndarray
-
-    @classmethod
-    def of(cls, values: np.ndarray, axis: int | tuple[int, ...]) -> Moments:
-        """Moments of `values` reduced over `axis` (two-pass, float64)."""
-        values = np.asarray(values, dtype=np.float64)
-        mean = values.mean(axis=axis, keepdims=True)
-        m2 = np.square(values - mean).sum(axis=axis)
-        return cls(count=values.size // m2.size, mean=mean.reshape(m2.shape), m2=m2)
-
-    def combine(self, other: Moments) -> Moments:
-        count = self.count + other.count
-        delta = other.mean - self.mean
-        return Moments(count=count, mean=self.mean + delta * (other.count / count),
-                       m2=self.m2 + other.m2 + np.square(delta) * (self.count * other.count / count))
-
-    @property
-    def std(self) -> np.ndarray:
-        """Population standard deviation (ddof=0, as np.std)."""
-        return np.sqrt(self.m2 / self.count)
-
-
-def combine_all(parts: Sequence[Moments]) -> Moments:
-    """Combine in a fixed binary tree over the given order: the result depends on the parts only."""
-    if not parts:
-        raise ValueError("combine_all needs at least one Moments")
-    parts = list(parts)
-    while len(parts) > 1:
-        parts = [parts[i].combine(parts[i + 1]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
-    return parts[0]
-
-
-def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez with fixed member timestamps, so equal arrays give byte-identical files."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-        for key, value in arrays.items():
-            with archive.open(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w") as member:
-                np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# MPI: stop together, publish together
-
-
-def _describe(error: Exception) -> str:
-    return str(error) if isinstance(error, InputError) else f"{type(error).__name__}: {error}"
-
-
-def on_root(comm: Any, work: Callable[[], T]) -> T:
-    """Run `work` on rank 0 and broadcast its result; if it raised, raise PipelineError on every rank."""
-    outcome = None
-    if comm.rank == 0:
-        try:
-            outcome = (True, work())
-        except Exception as error:  # any failure must reach the other ranks, or they would wait forever
-            outcome = (False, _describe(error))
-    ok, value = comm.bcast(outcome, root=0)
-    if not ok:
-        raise PipelineError(value)
-    return value
-
-
-def on_every_rank(comm: Any, work: Callable[[], T]) -> T:
-    """Run `work` on every rank; if any rank raised, raise PipelineError on all with each failure."""
-    try:
-        value, message = work(), None
-    except Exception as error:  # caught so that every rank reaches the allgather below
-        value, message = None, _describe(error)
-    failures = [(rank, m) for rank, m in enumerate(comm.allgather(message)) if m is not None]
-    if failures:
-        raise PipelineError("\n".join(m if comm.size == 1 else f"rank {r}: {m}" for r, m in failures))
-    return value
-
-
-class Staging:
-    """A hidden directory in out_dir that ranks write into; entries reach out_dir only through
-    publish() (after every rank succeeded), and the directory is removed however the run ends.
-    A failed run leaves out_dir as it was (and removes it if this run created it)."""
-
-    def __init__(self, comm: Any, out_dir: str):
-        self.comm, self.out_dir = comm, out_dir
-        self.path, self._created = on_root(comm, self._make)
-
-    def _make(self) -> tuple[str, bool]:
-        created = not os.path.isdir(self.out_dir)
-        os.makedirs(self.out_dir, exist_ok=True)
-        return tempfile.mkdtemp(prefix=".staging-", dir=self.out_dir), created
-
-    def file(self, name: str) -> str:
-        """Staged path of output `name` (a path relative to out_dir); creates its directory."""
-        path = os.path.join(self.path, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        return path
-
-    def publish(self, names: Sequence[str]) -> None:
-        """Move the staged top-level entries `names` into out_dir in order, replacing older ones (collective).
-        If a rename fails, the entries already swapped are swapped back."""
-        replaced = os.path.join(self.path, ".replaced")
-
-        def move() -> None:
-            os.makedirs(replaced)
-            done = []
-            try:
-                for name in names:
-                    target = os.path.join(self.out_dir, name)
-                    if os.path.lexists(target):
-                        os.replace(target, os.path.join(replaced, name))
-                    os.replace(os.path.join(self.path, name), target)
-                    done.append(name)
-            except OSError:
-                for name in done:
-                    os.replace(os.path.join(self.out_dir, name), os.path.join(self.path, name))
-                for name in os.listdir(replaced):
-                    os.replace(os.path.join(replaced, name), os.path.join(self.out_dir, name))
-                raise
-        on_root(self.comm, move)
-
-    def __enter__(self) -> Staging:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.comm.rank == 0:
-            shutil.rmtree(self.path, ignore_errors=True)
-            if self._created and not os.listdir(self.out_dir):
-                os.rmdir(self.out_dir)
-
-
-def run_tool(comm: Any, body: Callable[[], None], prog: str) -> int:
-    """Run a tool's body on every rank: exit status 0, or 1 on all ranks after a PipelineError.
-
-    Anything else is a bug that may have left ranks waiting in a collective: abort the whole job.
-    """
-    try:
-        body()
-    except PipelineError as error:
-        if comm.rank == 0:
-            print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
-        return 1
-    except Exception:
-        traceback.print_exc()
-        sys.stderr.flush()
-        comm.Abort(1)
-    return 0
-
-
-def progress(items: Sequence[T], comm: Any, unit: str) -> Iterable[T]:
-    """`items` with a tqdm bar on rank 0 (counting its own share of the work), plain on other ranks."""
-    if comm.rank != 0:
-        return items
-    return tqdm(items, desc=f"rank 0 of {comm.size}", unit=unit, file=sys.stderr)
-
-
-def add_option(parser: Any, name: str, **kwargs: Any) -> None:
-    """Add --NAME to a parser or argument group under both spellings, --out-dir and --out_dir
-    (the paper's scripts used underscores)."""
-    dashed, underscored = name.replace("_", "-"), name.replace("-", "_")
-    flags = [f"--{dashed}"] if dashed == underscored else [f"--{dashed}", f"--{underscored}"]
-    parser.add_argument(*flags, dest=underscored, **kwargs)
