@@ -6,11 +6,16 @@ come in pairs (2p, 2p + 1): one SplitMix64 hash (Steele, Lea & Flood 2014) of th
 for a Box-Muller pair, r cos(theta) for the even draw and r sin(theta) for the odd one. A rank
 holding any slab, or a GPU kernel generating the numbers in registers
 (:mod:`da_plugin.filters.ensf_fused`), draws exactly the numbers a single process draws.
+:class:`CounterDraws` names the normals of one EnSF analysis for both of its backends.
+
+A leaf module: the filters (the fused kernel's noise) and the decomposed run
+(:mod:`da_plugin.scale`, its twin experiment) both use it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -102,3 +107,36 @@ def counter_normal(seed: int, stream: int, rows: int, start: int, stop: int, dim
                                                      row_offset):
         torch.mul(radius, angle.sin_() if odd else angle.cos_(), out=out[row, columns])
     return out
+
+
+@dataclass(frozen=True)
+class CounterDraws:
+    """The normals of one analysis of a ``[rows, width]`` block: draw k of entry (i, j) is
+    ``counter_normal(seed, first_draw + k)`` at row ``row_offset + i`` and variable ``col_offset + j``
+    of a ``dim``-variable state, so a slab (or a block of members) draws what the whole state draws."""
+
+    seed: int
+    first_draw: int = 0  # even: draws 2p and 2p + 1 come from one hash
+    row_offset: int = 0
+    col_offset: int = 0
+    dim: int | None = None  # None: the block is the whole state
+
+    def __post_init__(self) -> None:
+        if self.first_draw % 2:
+            raise ValueError(f"first_draw must be even (draws come in Box-Muller pairs), got {self.first_draw}")
+
+    def normals(self, rows: int, width: int, dtype: torch.dtype,
+                device: torch.device) -> Callable[[int], torch.Tensor]:
+        """``noise(k)``, draw k of the block, for a caller that asks for the draws in order; each
+        pair is hashed once and only the current one is kept."""
+        pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def noise(draw: int) -> torch.Tensor:
+            pair, odd = divmod(self.first_draw + draw, 2)
+            if pair not in pairs:
+                pairs.clear()
+                pairs[pair] = counter_normal_pair(self.seed, pair, rows, self.col_offset, self.col_offset + width,
+                                                  self.dim or width, dtype, device, self.row_offset)
+            return pairs[pair][odd]
+
+        return noise

@@ -32,7 +32,6 @@ from megavit.atomic import staged_output
 from megavit.config import DTYPES, config_errors, load_config, registry_field, to_dict
 
 
-
 @dataclass
 class CycleConfig:
     """A twin experiment: model, observations, filter and the cycling schedule."""
@@ -78,67 +77,120 @@ def ensemble_stats(ensemble: torch.Tensor, truth: torch.Tensor) -> tuple[float, 
     return rmse, spread
 
 
+@dataclass
+class Twin:
+    """The experiment between cycles: truth, assimilating and free ensembles, and their random streams.
+
+    Each component draws from its own stream (:func:`make_generator`), so the steps may run in
+    any order without changing a number.
+    """
+
+    truth: torch.Tensor  # [*grid]
+    ensemble: torch.Tensor  # [N, *grid], corrected by the filter every cycle
+    free: torch.Tensor | None  # [N, *grid], the same start without assimilation (free_run)
+    obs: ObservationOperator
+    obs_noise: torch.Generator
+    filter_noise: torch.Generator
+
+    @classmethod
+    def start(cls, config: CycleConfig) -> "Twin":
+        """Spin the truth up onto the attractor, fix the observed variables and draw the initial ensemble."""
+        device, dtype, model = torch.device(config.device), DTYPES[config.dtype], config.model
+        truth = model.initial_state(make_generator(config.seed, "truth"), dtype=dtype, device=device)
+        truth = model.step(truth, config.spinup_steps)
+        obs = ObservationOperator.from_config(config.obs, tuple(truth.shape),
+                                              make_generator(config.seed, "obs-layout"))
+        init_noise = torch.randn((config.filter.ensemble_size, *truth.shape),
+                                 generator=make_generator(config.seed, "init"), dtype=torch.float64)
+        ensemble = truth + config.init_spread * init_noise.to(dtype=dtype, device=device)
+        return cls(truth, ensemble, ensemble.clone() if config.free_run else None, obs,
+                   make_generator(config.seed, "obs-noise", device), make_generator(config.seed, "filter", device))
+
+    def forecast(self, model: Any, steps: int) -> None:
+        """Advance the truth and both ensembles by ``steps`` model steps, to the next analysis time."""
+        self.truth = model.step(self.truth, steps)
+        self.ensemble = model.step(self.ensemble, steps)
+        if self.free is not None:
+            self.free = model.step(self.free, steps)
+
+    def observe(self, cycle: int) -> torch.Tensor:
+        """Noisy observations ``[m]`` of the truth."""
+        y = self.obs.sample(self.truth.reshape(-1), self.obs_noise)
+        self.obs.check(y, where=f"observations at cycle {cycle}")
+        return y
+
+    def analyse(self, da_filter: Any, y: torch.Tensor, cycle: int) -> None:
+        """Replace the forecast ensemble by the filter's analysis of ``y``."""
+        members = self.ensemble.shape[0]
+        analysis = da_filter.analysis(self.ensemble.reshape(members, -1), y, self.obs, self.filter_noise)
+        if not torch.isfinite(analysis).all():
+            raise FloatingPointError(f"the analysis diverged (NaN/inf) at cycle {cycle}")
+        self.ensemble = analysis.reshape(self.ensemble.shape)
+
+    def scores(self, stage: str) -> dict[str, float]:
+        """rmse_<stage> and spread_<stage> of the ensemble (stage f: forecast, a: analysis); with
+        the analysis, rmse_free of the free ensemble."""
+        scores = dict(zip((f"rmse_{stage}", f"spread_{stage}"), ensemble_stats(self.ensemble, self.truth)))
+        if stage == "a" and self.free is not None:
+            scores["rmse_free"] = ensemble_stats(self.free, self.truth)[0]
+        return scores
+
+
 def run(config: CycleConfig) -> dict[str, Any]:
-    """Run the experiment, write the outputs atomically, and return the summary."""
-    device = torch.device(config.device)
-    dtype = DTYPES[config.dtype]
-    model, da_filter = config.model, config.filter
-    members = da_filter.ensemble_size
+    """Run the experiment, write the outputs atomically, and return the summary.
 
-    truth = model.initial_state(make_generator(config.seed, "truth"), dtype=dtype, device=device)
-    truth = model.step(truth, config.spinup_steps)
-    dim = truth.numel()
-    obs = ObservationOperator.from_config(config.obs, tuple(truth.shape), make_generator(config.seed, "obs-layout"))
-    obs_noise = make_generator(config.seed, "obs-noise", device)
-    filter_noise = make_generator(config.seed, "filter", device)
-    init_noise = torch.randn((members, *truth.shape), generator=make_generator(config.seed, "init"),
-                             dtype=torch.float64)
-    ensemble = truth + config.init_spread * init_noise.to(dtype=dtype, device=device)
-    free = ensemble.clone() if config.free_run else None
-
-    if isinstance(da_filter, EnSF) and (note := da_filter.steep_step_note(obs.sigma)):
+    ``python -m da_plugin.scale`` cycles the same steps on a state split over ranks; its
+    ``run`` says why it keeps a loop of its own.
+    """
+    twin = Twin.start(config)
+    if isinstance(config.filter, EnSF) and (note := config.filter.steep_step_note(twin.obs.sigma)):
         print(f"da-cycle: note: {note}", file=sys.stderr)
-    step_time = config.obs.every * model.dt
-    history: dict[str, list[float]] = {name: [] for name in AnalysisWriter.SCALARS}
     with staged_output(config.output_dir) as staging:
         write_yaml(staging / "config.yaml", to_dict(config))
-        writer = AnalysisWriter(
-            staging / "analysis.nc", dim, obs.indices.numpy(), config.save_fields,
-            attributes={"model": type(model).__name__, "filter": type(da_filter).__name__,
-                        "ensemble_size": members, "seed": config.seed},
-        )
-        try:
-            start = time.perf_counter()
-            for cycle in tqdm(range(config.cycles), desc="da-cycle", unit="cycle",
-                              disable=not config.progress, file=sys.stderr):
-                truth = model.step(truth, config.obs.every)
-                ensemble = model.step(ensemble, config.obs.every)
-                scalars = dict(zip(("rmse_f", "spread_f"), ensemble_stats(ensemble, truth)))
-                y = obs.sample(truth.reshape(-1), obs_noise)
-                obs.check(y, where=f"observations at cycle {cycle}")
-                analysis = da_filter.analysis(ensemble.reshape(members, -1), y, obs, filter_noise)
-                if not torch.isfinite(analysis).all():
-                    raise FloatingPointError(f"the analysis diverged (NaN/inf) at cycle {cycle}")
-                ensemble = analysis.reshape(ensemble.shape)
-                scalars.update(zip(("rmse_a", "spread_a"), ensemble_stats(ensemble, truth)))
-                if free is not None:
-                    free = model.step(free, config.obs.every)
-                    scalars["rmse_free"] = ensemble_stats(free, truth)[0]
-                for name, value in scalars.items():
-                    history[name].append(value)
-                writer.write(cycle, (cycle + 1) * step_time, scalars,
-                             truth.reshape(-1).cpu().numpy(), ensemble.mean(0).reshape(-1).cpu().numpy(),
-                             ensemble.std(0).reshape(-1).cpu().numpy(), y.cpu().numpy())
-            seconds = time.perf_counter() - start
-        finally:
-            writer.close()
-        summary = _summarize(config, history, seconds, dim, obs.size)
+        history, seconds = cycle_all(config, twin, staging / "analysis.nc")
+        summary = _summarize(config, history, seconds, twin.truth.numel(), twin.obs.size)
         write_json(staging / "summary.json", summary)
-        times = step_time * np.arange(1, config.cycles + 1)
-        plot_error_series(staging / "rmse.png", times, {k: np.asarray(v) for k, v in history.items() if v},
-                          title=f"{type(da_filter).__name__} on {type(model).__name__} (d={dim}, N={members})",
-                          burn_in_time=config.burn_in * step_time if config.burn_in else None)
+        _plot(staging / "rmse.png", config, history, twin.truth.numel())
     return summary
+
+
+def cycle_all(config: CycleConfig, twin: Twin, path: Path) -> tuple[dict[str, list[float]], float]:
+    """Every cycle (forecast, observe, analyse, score), recorded in the netCDF file at ``path``;
+    returns the scores' time series and the seconds taken."""
+    step_time = config.obs.every * config.model.dt
+    history: dict[str, list[float]] = {name: [] for name in AnalysisWriter.SCALARS}
+    writer = AnalysisWriter(
+        path, twin.truth.numel(), twin.obs.indices.numpy(), config.save_fields,
+        attributes={"model": type(config.model).__name__, "filter": type(config.filter).__name__,
+                    "ensemble_size": config.filter.ensemble_size, "seed": config.seed},
+    )
+    try:
+        start = time.perf_counter()
+        for cycle in tqdm(range(config.cycles), desc="da-cycle", unit="cycle", disable=not config.progress,
+                          file=sys.stderr):
+            twin.forecast(config.model, config.obs.every)
+            scores = twin.scores("f")
+            y = twin.observe(cycle)
+            twin.analyse(config.filter, y, cycle)
+            scores.update(twin.scores("a"))
+            for name, value in scores.items():
+                history[name].append(value)
+            writer.write(cycle, (cycle + 1) * step_time, scores, twin.truth.reshape(-1).cpu().numpy(),
+                         twin.ensemble.mean(0).reshape(-1).cpu().numpy(),
+                         twin.ensemble.std(0).reshape(-1).cpu().numpy(), y.cpu().numpy())
+        return history, time.perf_counter() - start
+    finally:
+        writer.close()
+
+
+def _plot(path: Path, config: CycleConfig, history: dict[str, list[float]], dim: int) -> None:
+    """The scores' time series (rmse.png)."""
+    step_time = config.obs.every * config.model.dt
+    times = step_time * np.arange(1, config.cycles + 1)
+    plot_error_series(path, times, {k: np.asarray(v) for k, v in history.items() if v},
+                      title=f"{type(config.filter).__name__} on {type(config.model).__name__} "
+                            f"(d={dim}, N={config.filter.ensemble_size})",
+                      burn_in_time=config.burn_in * step_time if config.burn_in else None)
 
 
 def _summarize(config: CycleConfig, history: dict[str, list[float]], seconds: float, dim: int,

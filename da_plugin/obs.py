@@ -4,7 +4,9 @@ An operator observes a fixed set of state variables (all, every ``stride``-th, o
 random subset) through ``identity`` or ``arctan``. States are ``[..., d]`` tensors (the model
 state flattened); an observation vector is ``[m]`` with ``m = len(indices)``. The operator
 also knows the state's grid shape (``(d,)`` for Lorenz-96, ``(levels, ny, nx)`` for SQG), so
-filters can locate observations on the grid for localization.
+filters can locate observations on the grid for localization. A rank of a domain-decomposed
+1-D state sees the operator restricted to its slab (:meth:`ObservationOperator.restrict`, or
+:meth:`ObservationOperator.slab_from_config` without ever building the global one).
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ class ObsConfig:
                 raise ValueError("obs.random_fraction and obs.stride > 1 are exclusive: set one")
 
 
+def strided_positions(start: int, stop: int, stride: int) -> range:
+    """Positions in the observation vector of the observed variables in [start, stop) when every
+    ``stride``-th variable is observed (offset 0)."""
+    return range(-(-start // stride), -(-stop // stride))
+
+
 class ObservationOperator:
     """h(x) = op(x[..., indices]) with Gaussian error of standard deviation ``sigma``."""
 
@@ -77,6 +85,18 @@ class ObservationOperator:
         else:
             indices = torch.arange(0, dim, config.stride)
         return cls(config.operator, config.sigma, indices, dim, grid_shape)
+
+    @classmethod
+    def slab_from_config(cls, config: ObsConfig, dim: int, start: int,
+                         stop: int) -> tuple["ObservationOperator", range]:
+        """``from_config(config, (dim,), ...).restrict(start, stop)`` without the global operator, whose
+        index vector a rank of a 1e8-variable state should not hold: strided layouts only."""
+        if config.random_fraction is not None:
+            raise ValueError("obs.random_fraction draws its subset over the whole state; a slab can only take "
+                             "obs.stride")
+        positions = strided_positions(start, stop, config.stride)
+        local = torch.arange(positions.start, positions.stop, dtype=torch.long) * config.stride - start
+        return cls(config.operator, config.sigma, local, stop - start), positions
 
     def restrict(self, start: int, stop: int) -> tuple["ObservationOperator", torch.Tensor]:
         """The operator seen by the slab [start, stop) of a 1-D state, and the positions of its

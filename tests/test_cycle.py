@@ -100,7 +100,7 @@ def test_console_script_help_and_exit_code(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs/da").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     from da_plugin.cycle import CycleConfig
-    from da_plugin.scale import ScaleConfig
+    from da_plugin.scale.config import ScaleConfig
     from megavit.config import load_config
 
     if path.name.endswith("_scale.yaml"):  # python -m da_plugin.scale configs

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from conftest import free_port
 from da_plugin.counter_rng import counter_normal
-from da_plugin.distributed import Slab, ensf_analysis, exchange_halo, rk4_step
+from da_plugin.scale.slabs import Slab, exchange_halo, rk4_step, slab_analysis
 from da_plugin.filters import EnSF
 from da_plugin.models import Lorenz96
 from da_plugin.obs import ObservationOperator
@@ -33,7 +33,7 @@ def rank_main(rank: int, world: int, port: int, out: str) -> None:
         halo = exchange_halo(state)
         for _ in range(STEPS):
             state = rk4_step(state, FORCING, DT)
-        analyses = {score: ensf_analysis(EnSF(ensemble_size=3, steps=10, prior_score=score), state, *observed(slab),
+        analyses = {score: slab_analysis(EnSF(ensemble_size=3, steps=10, prior_score=score), state, *observed(slab),
                                          slab, seed=5, cycle=2)
                     for score in ("one_to_one", "mixture")}
         torch.save({"start": slab.start, "state": state, "halo": halo, **analyses}, f"{out}/{rank}.pt")
@@ -50,7 +50,7 @@ def test_decomposed_forecast_equals_single_process(tmp_path, world):
     torch.testing.assert_close(full, Lorenz96(dim=DIM, forcing=FORCING, dt=DT).step(initial, STEPS), rtol=1e-12, atol=1e-12)
     whole = Slab(DIM, 0, 1)
     for score in ("one_to_one", "mixture"):
-        single = ensf_analysis(EnSF(ensemble_size=3, steps=10, prior_score=score), full, *observed(whole), whole, 5, 2)
+        single = slab_analysis(EnSF(ensemble_size=3, steps=10, prior_score=score), full, *observed(whole), whole, 5, 2)
         torch.testing.assert_close(torch.cat([p[score] for p in parts], dim=-1), single, rtol=1e-10, atol=1e-10)
     for part in parts:  # halos hold the periodic neighbours of each slab's edges
         size = part["state"].shape[-1]

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from da_plugin.filters import EnSF
+from da_plugin.filters.ensf_mixture import mixture_mean
+from da_plugin.filters.ensf_schedule import alpha, damping_weight, sigma2
 from da_plugin.obs import ObservationOperator
 
 
@@ -31,10 +33,10 @@ def gaussian_limit_mean(f: EnSF, mu, P, H, r, y, forecast=None):
     dt = 1.0 / f.steps
     for k in range(f.steps):
         t = 1.0 - k * dt
-        a, s2 = f.alpha(t), f.sigma2(t)
+        a, s2 = alpha(t, f.eps_alpha), sigma2(t, f.eps_beta)
         drift = -(1 - f.eps_alpha) / a
         g2 = (1 - f.eps_beta) - 2 * drift * s2
-        c_z, c_center, c_lik = 1 - dt * drift - dt * g2 / s2, dt * g2 * a / s2, dt * g2 * f.h(t)
+        c_z, c_center, c_lik = 1 - dt * drift - dt * g2 / s2, dt * g2 * a / s2, dt * g2 * damping_weight(t, f.damping)
         if forecast is None:
             gain = a * P @ torch.linalg.inv(a * a * P + s2 * eye)
             A = c_z * eye + c_center * gain - c_lik * H.T @ H / r
@@ -60,10 +62,9 @@ def test_mixture_mean_matches_brute_force(chunk_size):
     gen = torch.Generator().manual_seed(0)
     forecast = 5 + torch.randn(6, 10, dtype=torch.float64, generator=gen)
     z = torch.randn(6, 10, dtype=torch.float64, generator=gen)
-    f = EnSF(ensemble_size=6, prior_score="mixture", chunk_size=chunk_size)
-    for alpha, sigma2 in [(0.3, 0.7), (0.9, 0.05)]:
-        torch.testing.assert_close(f._mixture_mean(z, forecast, alpha, sigma2),
-                                   brute_force_mixture_mean(z, forecast, alpha, sigma2), rtol=1e-10, atol=1e-10)
+    for a, s2 in [(0.3, 0.7), (0.9, 0.05)]:
+        torch.testing.assert_close(mixture_mean(z, forecast, a, s2, chunk_size),
+                                   brute_force_mixture_mean(z, forecast, a, s2), rtol=1e-10, atol=1e-10)
 
 
 def test_mixture_converges_to_gaussian_limit_as_n_grows():

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,10 @@ import torch
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from da_plugin.counter_rng import counter_normal, counter_normal_pair, pair_key, splitmix64  # noqa: E402
+from da_plugin.counter_rng import CounterDraws, counter_normal, counter_normal_pair, pair_key, splitmix64  # noqa: E402
 from da_plugin.filters import ensf_fused  # noqa: E402
 from da_plugin.filters.ensf import EnSF  # noqa: E402
-from da_plugin.filters.ensf_fused import check_fusable, fused_reverse_sde, scaled_coefficients  # noqa: E402
+from da_plugin.filters.ensf_fused import check_fusable, scaled_coefficients  # noqa: E402
 from da_plugin.obs import ObservationOperator  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,6 +37,11 @@ def problem(operator: str, indices: torch.Tensor, sigma: float = 0.5, seed: int 
     return forecast.to(DEVICE), obs.sample(truth, gen).to(DEVICE), obs
 
 
+def fused(ensf: EnSF, forecast, y, obs, **draws) -> torch.Tensor:
+    """The fused kernel's analysis, through the one place that dispatches to it (EnSF.analysis)."""
+    return replace(ensf, backend="triton").analysis(forecast, y, obs, CounterDraws(**draws))
+
+
 @pytest.mark.parametrize("likelihood_step", ["explicit", "semi_implicit"])
 @pytest.mark.parametrize("prior_score", ["one_to_one", "mixture"])
 @pytest.mark.parametrize("operator", ["arctan", "identity"])
@@ -47,11 +53,11 @@ def test_fused_kernel_matches_the_torch_reverse_sde(prior_score, operator, indic
                 likelihood_step=likelihood_step)
     reference = ensf.reverse_sde(forecast, y, obs,
                                  noise=lambda k: counter_normal(11, k, MEMBERS, 0, DIM, DIM, device=DEVICE))
-    fused = fused_reverse_sde(ensf, forecast, y, obs, seed=11)
-    assert torch.isfinite(fused).all()
+    analysis = fused(ensf, forecast, y, obs, seed=11)
+    assert torch.isfinite(analysis).all()
     # float32 with different log/cos/atan implementations: agreement to a few ulps of |z| ~ 10
-    torch.testing.assert_close(fused, reference, rtol=0, atol=2e-5)
-    assert (fused - forecast).abs().mean() > 0.1  # the analysis moved the members
+    torch.testing.assert_close(analysis, reference, rtol=0, atol=2e-5)
+    assert (analysis - forecast).abs().mean() > 0.1  # the analysis moved the members
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3])
@@ -61,7 +67,7 @@ def test_short_runs_take_the_draws_the_torch_path_takes(steps):
     ensf = EnSF(ensemble_size=MEMBERS, steps=steps, backend="torch")
     reference = ensf.reverse_sde(forecast, y, obs,
                                  noise=lambda k: counter_normal(4, k, MEMBERS, 0, DIM, DIM, device=DEVICE))
-    torch.testing.assert_close(fused_reverse_sde(ensf, forecast, y, obs, seed=4), reference, rtol=0, atol=2e-5)
+    torch.testing.assert_close(fused(ensf, forecast, y, obs, seed=4), reference, rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("curvature", [0.0, 4.0], ids=["explicit", "semi-implicit"])
@@ -137,19 +143,21 @@ def test_a_diverged_forecast_is_refused_by_the_arctan_kernel_only():
     forecast[1, 7] = 3e20
     ensf = EnSF(ensemble_size=MEMBERS, steps=STEPS)
     with pytest.raises(ValueError, match=r"3e\+20.*diverged"):
-        fused_reverse_sde(ensf, forecast, y, obs, seed=1)
+        fused(ensf, forecast, y, obs, seed=1)
     identity = ObservationOperator("identity", 0.5, torch.arange(DIM), DIM)
-    assert torch.isfinite(fused_reverse_sde(ensf, forecast, y, identity, seed=1)).all()
+    assert torch.isfinite(fused(ensf, forecast, y, identity, seed=1)).all()
 
 
-def test_a_slab_and_a_block_of_members_draw_the_numbers_of_the_whole_state():
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_slab_and_a_block_of_members_draw_the_numbers_of_the_whole_state(backend):
     forecast, y, obs = problem("arctan", torch.arange(DIM))
-    ensf = EnSF(ensemble_size=MEMBERS, steps=STEPS)
-    whole = fused_reverse_sde(ensf, forecast, y, obs, seed=5, first_draw=8)
+    ensf = EnSF(ensemble_size=MEMBERS, steps=STEPS, backend=backend)
+    analysis = lambda *args, **draws: ensf.analysis(*args, CounterDraws(**draws))  # noqa: E731
+    whole = analysis(forecast, y, obs, seed=5, first_draw=8)
     start, stop, rows = 101, 250, slice(2, 4)
     slab_obs, positions = obs.restrict(start, stop)
-    part = fused_reverse_sde(ensf, forecast[rows, start:stop], y[positions.to(y.device)], slab_obs, seed=5,
-                             first_draw=8, row_offset=2, col_offset=start, dim=DIM)
+    part = analysis(forecast[rows, start:stop], y[positions.to(y.device)], slab_obs, seed=5, first_draw=8,
+                    row_offset=2, col_offset=start, dim=DIM)
     torch.testing.assert_close(part, whole[rows, start:stop], rtol=0, atol=1e-6)
 
 
@@ -183,9 +191,8 @@ def test_unfusable_analyses_are_refused_with_the_reason():
     forecast, y, obs = problem("arctan", torch.arange(DIM))
     with pytest.raises(ValueError, match="float32"):
         check_fusable(forecast.double(), obs)
-    ensf = EnSF(ensemble_size=MEMBERS, steps=STEPS)
     with pytest.raises(ValueError, match="even"):
-        fused_reverse_sde(ensf, forecast, y, obs, seed=1, first_draw=3)
+        CounterDraws(seed=1, first_draw=3)
 
 
 def test_the_instruction_counter_compiles_both_kernels_for_the_h100():

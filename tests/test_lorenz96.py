@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from da_plugin.models import Lorenz96
-from da_plugin.models.lorenz96 import tendency
+from da_plugin.models.lorenz96 import HALO_LEFT, HALO_RIGHT, haloed_tendency, tendency
 
 
 def numpy_tendency(x: np.ndarray, forcing: float) -> np.ndarray:
@@ -28,6 +28,14 @@ def test_tendency_matches_indexed_formula():
     x = np.random.default_rng(0).normal(size=7) * 3
     ours = tendency(torch.tensor(x), 8.0).numpy()
     np.testing.assert_allclose(ours, numpy_tendency(x, 8.0), rtol=1e-13)
+
+
+def test_a_haloed_slab_gets_the_tendency_of_the_whole_state_bit_for_bit():
+    x = 8.0 + torch.randn(2, 11, generator=torch.Generator().manual_seed(3))
+    whole = tendency(x, 8.0)
+    for start, stop in [(0, 4), (4, 9), (9, 11)]:
+        haloed = x[:, torch.arange(start - HALO_LEFT, stop + HALO_RIGHT) % 11]
+        torch.testing.assert_close(haloed_tendency(haloed, 8.0), whole[:, start:stop], rtol=0, atol=0)
 
 
 def test_rk4_matches_independent_integrator_and_is_fourth_order():

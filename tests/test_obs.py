@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from da_plugin.obs import ObsConfig, ObservationOperator
+from da_plugin.obs import ObsConfig, ObservationOperator, strided_positions
 
 
 def log_likelihood(obs: ObservationOperator, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -36,6 +36,20 @@ def test_subsets_from_config():
     random_b = ObservationOperator.from_config(ObsConfig(random_fraction=0.3), (20,), torch.Generator().manual_seed(4))
     assert random_a.size == 6 and random_a.indices.tolist() == random_b.indices.tolist()
     assert random_a.indices.unique().numel() == 6
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_a_slab_from_the_config_is_the_restricted_global_operator(stride):
+    config = ObsConfig(operator="arctan", sigma=0.2, stride=stride)
+    full = ObservationOperator.from_config(config, (50,), torch.Generator())
+    for start, stop in [(0, 17), (17, 18), (18, 50), (4, 5)]:
+        restricted, positions = full.restrict(start, stop)
+        slab, slab_positions = ObservationOperator.slab_from_config(config, 50, start, stop)
+        assert list(slab_positions) == positions.tolist() == list(strided_positions(start, stop, stride))
+        assert torch.equal(slab.indices, restricted.indices) and slab.dim == restricted.dim == stop - start
+        assert (slab.operator, slab.sigma) == (restricted.operator, restricted.sigma)
+    with pytest.raises(ValueError, match="random_fraction"):
+        ObservationOperator.slab_from_config(ObsConfig(random_fraction=0.5), 50, 0, 10)
 
 
 def test_noise_has_requested_sigma():

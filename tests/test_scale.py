@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import free_port
-from da_plugin.distributed import Launch, detect_launch, init_distributed
-from da_plugin.scale import ScaleConfig, run
+from da_plugin.scale.config import ScaleConfig
+from da_plugin.scale.launch import Launch, detect_launch, init_distributed
+from da_plugin.scale.run import run
 from megavit.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent

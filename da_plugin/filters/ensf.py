@@ -2,45 +2,40 @@
 
 A training-free diffusion-model filter. The forward process x_t = alpha(t) x_0 + sigma(t) eps
 has alpha(t) = 1 - (1 - eps_alpha) t and sigma^2(t) = eps_beta + (1 - eps_beta) t. The analysis
-draws each member from N(0, I) at t = 1 and integrates the reverse SDE
-
-    dz = [f(t) z - g^2(t) s(z, t)] dt + g(t) dW,    f = d log(alpha)/dt,
-    g^2 = d sigma^2/dt - 2 f sigma^2,
-
-back to t = 0 with K Euler-Maruyama steps. The score s = prior score + h(t) x likelihood score,
-with damping h(t) = 1 - t. With precise observations the explicit likelihood step is stiff;
-``likelihood_step="semi_implicit"`` makes it linearly implicit in the Gauss-Newton curvature
-(see :meth:`EnSF.steep_step_factors`). The prior score comes from the forecast ensemble {x_j}:
+draws each member from N(0, I) at t = 1 and integrates the reverse SDE back to t = 0 with K
+Euler-Maruyama steps (:mod:`da_plugin.filters.ensf_schedule`). The score s = prior score +
+h(t) x likelihood score, with damping h(t) = 1 - t. With precise observations the explicit
+likelihood step is stiff; ``likelihood_step="semi_implicit"`` makes it linearly implicit in the
+Gauss-Newton curvature (see :func:`~da_plugin.filters.ensf_schedule.steep_step_factors`). The
+prior score comes from the forecast ensemble {x_j}:
 
 * ``one_to_one`` (the SC24 code): member i uses -(z_i - alpha x_i) / sigma^2;
 * ``mixture``: the exact score of the diffused ensemble, -(z - alpha m(z)) / sigma^2 with
-  m(z) = sum_j w_j(z) x_j and w = softmax_j(-|z - alpha x_j|^2 / (2 sigma^2)).
+  m(z) = sum_j w_j(z) x_j and w = softmax_j(-|z - alpha x_j|^2 / (2 sigma^2))
+  (:func:`~da_plugin.filters.ensf_mixture.mixture_mean`).
 
 Both are O(N d K); the mixture adds the N x N distance matrix, built from chunked matrix
 products (memory O(N d + N^2), never N x N x d).
+
+Two backends run the same steps: the torch path here (:meth:`EnSF.reverse_sde`: any device,
+dtype and operator) and the fused Triton kernel (:mod:`da_plugin.filters.ensf_fused`: CUDA,
+float32, componentwise operators). :meth:`EnSF.analysis` alone picks between them.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Callable, Literal, NamedTuple
+from typing import Callable, Literal
 
 import torch
 
+from da_plugin.counter_rng import CounterDraws
 from da_plugin.filters.ensf_fused import check_fusable, fused_reverse_sde, triton_usable
+from da_plugin.filters.ensf_mixture import mixture_mean, whole_state
+from da_plugin.filters.ensf_schedule import Step, reverse_sde_steps, steep_step_factors
 from da_plugin.obs import ObservationOperator
 
-
-class Step(NamedTuple):
-    """One reverse-SDE step: the diffusion's alpha and sigma^2 and the update's coefficients."""
-
-    alpha: float
-    sigma2: float
-    keep: float  # multiplies z
-    center: float  # multiplies the prior centre (the member's forecast, or the mixture mean)
-    likelihood: float  # multiplies the likelihood score
-    noise: float  # multiplies the standard normal draw
+SumOverState = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -78,22 +73,30 @@ class EnSF:
         if self.likelihood_step not in ("explicit", "semi_implicit"):
             raise ValueError(f"filter.likelihood_step must be explicit or semi_implicit, got {self.likelihood_step!r}")
 
-    def alpha(self, t: float) -> float:
-        return 1.0 - (1.0 - self.eps_alpha) * t
-
-    def sigma2(self, t: float) -> float:
-        return self.eps_beta + (1.0 - self.eps_beta) * t
-
-    def h(self, t: float) -> float:
-        return 1.0 - t if self.damping == "linear" else 1.0
-
     def analysis(self, forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator,
-                 generator: torch.Generator) -> torch.Tensor:
-        """Analysis ensemble ``[N, d]`` from forecast ``[N, d]`` and observations ``y`` ``[m]``."""
+                 noise: torch.Generator | CounterDraws,
+                 sum_over_state: SumOverState = whole_state) -> torch.Tensor:
+        """Analysis ensemble ``[N, d]`` from forecast ``[N, d]`` and observations ``y`` ``[m]``: the one
+        place that picks the backend (:meth:`uses_fused_kernel`).
+
+        ``noise`` is a generator (da-cycle: torch normals, or on the fused kernel counter-based
+        normals under a seed drawn from it) or :class:`~da_plugin.counter_rng.CounterDraws`, keyed
+        by global position, which both backends draw identically. ``sum_over_state`` completes
+        sums over state variables (the mixture's N x N products); a domain-decomposed caller
+        all-reduces them over ranks.
+        """
         if self.uses_fused_kernel(forecast, obs):
-            seed = int(torch.randint(1 << 62, (1,), generator=generator, device=generator.device))
-            return fused_reverse_sde(self, forecast, y, obs, seed)
-        return self.reverse_sde(forecast, y, obs, noise=lambda step: _randn_like(forecast, generator))
+            if isinstance(noise, torch.Generator):
+                noise = CounterDraws(seed=int(torch.randint(1 << 62, (1,), generator=noise, device=noise.device)))
+            return fused_reverse_sde(forecast, y, obs, self.schedule(), noise,
+                                     semi_implicit=self.likelihood_step == "semi_implicit",
+                                     center=self._mixture_center(forecast, sum_over_state))
+        if isinstance(noise, torch.Generator):
+            generator = noise
+            draw = lambda k: _randn_like(forecast, generator)  # noqa: E731
+        else:
+            draw = noise.normals(*forecast.shape, forecast.dtype, forecast.device)
+        return self.reverse_sde(forecast, y, obs, draw, sum_over_state)
 
     def uses_fused_kernel(self, forecast: torch.Tensor, obs: ObservationOperator) -> bool:
         """Whether this analysis runs the fused Triton kernel (raises if backend=triton cannot)."""
@@ -104,9 +107,8 @@ class EnSF:
                 and obs.operator in ("identity", "arctan"))
 
     def reverse_sde(self, forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator,
-                    noise: Callable[[int], torch.Tensor],
-                    sum_over_state: Callable[[torch.Tensor], torch.Tensor] = lambda partial: partial) -> torch.Tensor:
-        """The analysis with its randomness and its state-wide sums supplied by the caller.
+                    noise: Callable[[int], torch.Tensor], sum_over_state: SumOverState = whole_state) -> torch.Tensor:
+        """The torch backend, with its randomness and its state-wide sums supplied by the caller.
 
         ``noise(k)`` gives the standard normals ``[N, d]`` of draw k (0: the start at t = 1,
         k >= 1: step k). ``sum_over_state`` completes a sum over state variables (the
@@ -117,12 +119,10 @@ class EnSF:
         obs.check(y)
         y = y.to(forecast)
         blocks = self._column_blocks(forecast, y, obs)
+        mixture_center = self._mixture_center(forecast, sum_over_state)
         z = noise(0)
         for k, step in enumerate(self.schedule()):
-            if self.prior_score == "one_to_one":
-                center = forecast
-            else:
-                center = self._mixture_mean(z, forecast, step.alpha, step.sigma2, sum_over_state)
+            center = forecast if mixture_center is None else mixture_center(z, step)
             xi = noise(k + 1)
             # block by block so the temporaries stay in cache
             for columns, block_obs, block_y in blocks:
@@ -141,34 +141,8 @@ class EnSF:
         return 2 * (self.steps // 2 + 1)
 
     def schedule(self) -> list[Step]:
-        """The K Euler-Maruyama steps from t = 1 down to t = 1/K, as update coefficients.
-
-        Step k maps z to keep z + center c + likelihood L(z) + noise xi, which is
-        z - dt [f z - g^2 (-(z - alpha c) / sigma^2 + h L)] + sqrt(dt) g xi written out.
-        """
-        dt = 1.0 / self.steps
-        steps = []
-        for k in range(self.steps):
-            t = 1.0 - k * dt
-            alpha, sigma2 = self.alpha(t), self.sigma2(t)
-            drift = -(1.0 - self.eps_alpha) / alpha  # f(t) = d log alpha / dt
-            g2 = (1.0 - self.eps_beta) - 2.0 * drift * sigma2
-            steps.append(Step(alpha=alpha, sigma2=sigma2, keep=1.0 - dt * drift - dt * g2 / sigma2,
-                              center=dt * g2 * alpha / sigma2, likelihood=dt * g2 * self.h(t),
-                              noise=math.sqrt(dt * g2)))
-        return steps
-
-    def steep_step_factors(self, obs_sigma: float) -> list[float]:
-        """How each step scales a difference in z where the observation operator is steepest
-        (slope 1: identity everywhere, arctan at 0): keep_k - g_k with g_k = likelihood_k / sigma^2,
-        or keep_k - g_k / (1 + g_k) with the semi-implicit likelihood step."""
-        factors = []
-        for step in self.schedule():
-            stiffness = step.likelihood / obs_sigma**2
-            if self.likelihood_step == "semi_implicit":
-                stiffness /= 1.0 + stiffness
-            factors.append(step.keep - stiffness)
-        return factors
+        """The K Euler-Maruyama steps from t = 1 down to t = 1/K, as update coefficients."""
+        return reverse_sde_steps(self.steps, self.eps_alpha, self.eps_beta, self.damping)
 
     def steep_step_note(self, obs_sigma: float) -> str | None:
         """A one-line warning when steps amplify differences (a factor below -1), else None.
@@ -177,7 +151,7 @@ class EnSF:
         but loses accuracy (docs/results.md: on Lorenz-96 with sigma = 0.05, explicit K = 100
         doubles the analysis error against K = 300; the semi-implicit step recovers most of it).
         """
-        factors = self.steep_step_factors(obs_sigma)
+        factors = steep_step_factors(self.schedule(), obs_sigma, self.likelihood_step == "semi_implicit")
         amplifying = sum(factor < -1.0 for factor in factors)
         if not amplifying:
             return None
@@ -201,24 +175,13 @@ class EnSF:
             blocks.append((slice(start, stop), block_obs, y[positions.to(y.device)]))
         return blocks
 
-    def _mixture_mean(self, z: torch.Tensor, forecast: torch.Tensor, alpha: float, sigma2: float,
-                      sum_over_state: Callable[[torch.Tensor], torch.Tensor] = lambda partial: partial) -> torch.Tensor:
-        """m(z) = softmax-weighted forecast members, ``[N, d]``, from chunked float64 products."""
-        reference = forecast.mean(0)
-        cross = torch.zeros(z.shape[0], forecast.shape[0], dtype=torch.float64, device=z.device)
-        norms = torch.zeros(forecast.shape[0], dtype=torch.float64, device=z.device)
-        for start in range(0, z.shape[1], self.chunk_size):
-            stop = start + self.chunk_size
-            # centre on alpha * mean to keep |z_i - alpha x_j|^2 free of cancellation
-            zc = (z[:, start:stop] - alpha * reference[start:stop]).double()
-            xc = alpha * (forecast[:, start:stop] - reference[start:stop]).double()
-            cross += zc @ xc.T
-            norms += (xc * xc).sum(1)
-        cross, norms = sum_over_state(cross), sum_over_state(norms)
-        # |z_i - a x_j|^2 = |z_i|^2 - 2 z_i.a x_j + |a x_j|^2; the |z_i|^2 term cancels in the softmax
-        logits = cross.mul_(1.0 / sigma2).sub_(norms.mul_(0.5 / sigma2))
-        weights = torch.softmax(logits, dim=1)
-        return weights.to(forecast.dtype) @ forecast
+    def _mixture_center(self, forecast: torch.Tensor,
+                        sum_over_state: SumOverState) -> Callable[[torch.Tensor, Step], torch.Tensor] | None:
+        """The prior centre of a step as a function of z, the mixture mean; None for the one-to-one
+        score, whose centre is each member's own forecast at every step."""
+        if self.prior_score == "one_to_one":
+            return None
+        return lambda z, step: mixture_mean(z, forecast, step.alpha, step.sigma2, self.chunk_size, sum_over_state)
 
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

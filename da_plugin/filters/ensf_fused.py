@@ -19,20 +19,23 @@ are given to the kernel as a dense observation and precision (1/sigma^2, or 0 wh
 unobserved) per variable, or, when every variable is observed, as the observation alone.
 Without a GPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``), which the
 tests use.
+
+The wrapper :func:`fused_reverse_sde` takes plain values: the step schedule
+(:mod:`da_plugin.filters.ensf_schedule`), the draws, and a centring callback for the mixture
+score. :meth:`da_plugin.filters.ensf.EnSF.analysis` is the one place that chooses between it
+and the torch path.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
-from da_plugin.counter_rng import pair_key
+from da_plugin.counter_rng import CounterDraws, pair_key
+from da_plugin.filters.ensf_schedule import Step
 from da_plugin.obs import ObservationOperator
-
-if TYPE_CHECKING:
-    from da_plugin.filters.ensf import EnSF, Step
 
 try:
     import triton
@@ -74,22 +77,21 @@ def dense_observations(obs: ObservationOperator, y: torch.Tensor, dim: int,
     return values, precision
 
 
-def fused_reverse_sde(ensf: EnSF, forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator,
-                      seed: int, first_draw: int = 0, *, row_offset: int = 0, col_offset: int = 0,
-                      dim: int | None = None,
-                      sum_over_state: Callable[[torch.Tensor], torch.Tensor] = lambda partial: partial
-                      ) -> torch.Tensor:
-    """EnSF analysis ``[N, n]`` of ``forecast`` ``[N, n]`` with the fused kernel.
+def fused_reverse_sde(forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator, schedule: list[Step],
+                      draws: CounterDraws, *, semi_implicit: bool = False,
+                      center: Callable[[torch.Tensor, Step], torch.Tensor] | None = None) -> torch.Tensor:
+    """EnSF analysis ``[N, n]`` of ``forecast`` ``[N, n]`` through the steps of ``schedule`` with the fused kernel.
 
-    Draw k (0: the start at t = 1, k >= 1: step k) is ``counter_normal(seed, first_draw + k)``
-    (``first_draw`` even, so draws pair up as the generator pairs them); entry (i, j) uses the
-    counter ``(row_offset + i) * dim + col_offset + j``, so a slab of a ``dim``-variable state (or
-    a block of members) draws what a single process draws for it.
+    The normals are ``draws`` (draw k: 0 the start at t = 1, k >= 1 step k): entry (i, j) uses the
+    counter ``(draws.row_offset + i) * dim + draws.col_offset + j``, so a slab of a ``dim``-variable
+    state (or a block of members) draws what a single process draws for it. ``semi_implicit``:
+    the semi-implicit likelihood step (see :func:`scaled_coefficients`). ``center(z, step)``
+    gives the prior centre of a step from the current z (the mixture mean), and the kernel
+    then runs one step per launch; None: each member's own forecast (the one-to-one prior
+    score), all K steps in one launch.
     """
     check_fusable(forecast, obs)
     obs.check(y)
-    if first_draw % 2:
-        raise ValueError(f"first_draw must be even (draws come in Box-Muller pairs), got {first_draw}")
     members, width = forecast.shape
     forecast = forecast.contiguous()
     # every variable observed: the one precision 1/sigma^2 goes into the table, the kernel reads y
@@ -98,30 +100,29 @@ def fused_reverse_sde(ensf: EnSF, forecast: torch.Tensor, y: torch.Tensor, obs: 
         values = precision = y.to(device=forecast.device, dtype=torch.float32).contiguous()  # precision: unread
     else:
         values, precision = dense_observations(obs, y, width, forecast.device)
-    schedule = ensf.schedule()
-    semi_implicit = ensf.likelihood_step == "semi_implicit"
     coefficients = scaled_coefficients(schedule, obs.operator == "arctan", obs.sigma**-2 if all_observed else 1.0,
                                        obs.sigma**-2 if semi_implicit else 0.0)
     # two float32 per 64-bit word: the kernel loads a step's coefficients in four loads at most
     coefficients = coefficients.view(torch.int64).to(forecast.device)
-    keys = torch.tensor([pair_key(seed, first_draw // 2 + pair) for pair in range(ensf.steps // 2 + 1)],
+    steps = len(schedule)
+    keys = torch.tensor([pair_key(draws.seed, draws.first_draw // 2 + pair) for pair in range(steps // 2 + 1)],
                         dtype=torch.int64, device=forecast.device)
     z = torch.empty_like(forecast)
     largest = torch.zeros(1, dtype=torch.float32, device=forecast.device)  # the kernel's max |forecast|
 
     def launch(center: torch.Tensor, step: int, whole_run: bool, steps: int) -> None:
         _reverse_sde_kernel[(triton.cdiv(width, BLOCK), members)](
-            z, center, values, precision, keys, coefficients, largest, width, dim or width, col_offset, row_offset,
-            step, ARCTAN=obs.operator == "arctan", ALL_OBSERVED=all_observed, SEMI_IMPLICIT=semi_implicit,
-            WHOLE_RUN=whole_run, STEPS=steps, FAST=not _INTERPRETED, BLOCK=BLOCK, num_warps=NUM_WARPS,
-            enable_fp_fusion=True)
+            z, center, values, precision, keys, coefficients, largest, width, draws.dim or width, draws.col_offset,
+            draws.row_offset, step, ARCTAN=obs.operator == "arctan", ALL_OBSERVED=all_observed,
+            SEMI_IMPLICIT=semi_implicit, WHOLE_RUN=whole_run, STEPS=steps, FAST=not _INTERPRETED, BLOCK=BLOCK,
+            num_warps=NUM_WARPS, enable_fp_fusion=True)
 
-    if ensf.prior_score == "one_to_one":
-        launch(forecast, 0, True, ensf.steps)
+    if center is None:
+        launch(forecast, 0, True, steps)
     else:
         launch(forecast, 0, True, 0)  # z at t = 1 only
         for k, step in enumerate(schedule):
-            launch(ensf._mixture_mean(z, forecast, step.alpha, step.sigma2, sum_over_state), k, False, 1)
+            launch(center(z, step), k, False, 1)
     if obs.operator == "arctan" and not float(largest) <= ARCTAN_RANGE:  # NaN fails too
         raise ValueError(f"the forecast holds |x| up to {float(largest):.3g}, beyond the fused arctan score's "
                          f"range ({ARCTAN_RANGE:.0e}): has the model diverged? filter.backend=torch takes any value")

@@ -13,9 +13,25 @@ import torch
 from da_plugin.models.integrate import rk4
 
 
+HALO_LEFT, HALO_RIGHT = 2, 1  # neighbours the tendency at k reads: x_{k-2}, x_{k-1} and x_{k+1}
+
+
+def _tendency(left2: torch.Tensor, left1: torch.Tensor, x: torch.Tensor, right1: torch.Tensor,
+              forcing: float) -> torch.Tensor:
+    """(x_{k+1} - x_{k-2}) x_{k-1} - x_k + F from the neighbour arrays."""
+    return (right1 - left2) * left1 - x + forcing
+
+
 def tendency(x: torch.Tensor, forcing: float) -> torch.Tensor:
-    """dx/dt for states ``x`` of shape ``[..., d]``."""
-    return (x.roll(-1, -1) - x.roll(2, -1)) * x.roll(1, -1) - x + forcing
+    """dx/dt for periodic states ``x`` of shape ``[..., d]``."""
+    return _tendency(x.roll(2, -1), x.roll(1, -1), x, x.roll(-1, -1), forcing)
+
+
+def haloed_tendency(haloed: torch.Tensor, forcing: float) -> torch.Tensor:
+    """dx/dt ``[..., n]`` of a slab given with its neighbours, ``[..., HALO_LEFT + n + HALO_RIGHT]``
+    (a rank's share of a domain-decomposed state)."""
+    n = haloed.shape[-1] - HALO_LEFT - HALO_RIGHT
+    return _tendency(haloed[..., 0:n], haloed[..., 1:n + 1], haloed[..., 2:n + 2], haloed[..., 3:n + 3], forcing)
 
 
 @dataclass
