@@ -15,8 +15,9 @@ import difflib
 import sys
 import types
 import typing
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Sequence, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf

@@ -1,7 +1,7 @@
 """The YAML + dotted-override config loader."""
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -22,7 +22,7 @@ class Beta:
 @dataclass
 class Inner:
     kind: Literal["fast", "slow"] = "fast"
-    limit: Optional[float] = None
+    limit: float | None = None
 
 
 @dataclass

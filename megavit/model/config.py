@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 from megavit.config import ConfigError, build, load_mapping
 from megavit.model.attention import check_attention_backend

@@ -9,7 +9,7 @@ model, the parallel layout, data, optimizer schedule, run length, logging and ch
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from megavit.model.config import ViTConfig
 
@@ -31,7 +31,7 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    root: Optional[str] = None
+    root: str | None = None
     """Shard directory written by tools/nc2npy_mpi.py (train/, val/, normalize_*.npz)."""
     synthetic: bool = False
     """Random frames of the model's shape instead of shards (benchmarks, smoke tests)."""
@@ -65,7 +65,7 @@ class RunConfig:
     """Micro-batches per validation pass."""
     save_every: int = 500
     """Steps between checkpoints (0: only at the end)."""
-    peak_tflops: Optional[float] = None
+    peak_tflops: float | None = None
     """Per-device peak for MFU; default 989 (H100 bf16 dense) on CUDA, none on CPU."""
     progress: bool = True
     compile_blocks: bool = False

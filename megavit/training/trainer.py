@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -139,7 +139,8 @@ class Trainer:
             return (SyntheticFrames(config.data.synthetic_samples, model.in_vars, model.image_size, config.train.seed),
                     SyntheticFrames(max(1, config.data.synthetic_samples // 8), model.in_vars, model.image_size,
                                     config.train.seed + 1))
-        return tuple(SQGShards(config.data.root, split, config.data.lead, model.image_size) for split in ("train", "val"))
+        return tuple(SQGShards(config.data.root, split, config.data.lead, model.image_size)
+                     for split in ("train", "val"))
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -232,10 +233,16 @@ class Trainer:
         self.last_checkpoint = tag
 
     def layout(self) -> dict:
-        """What a checkpoint's shards mean: parallel sizes, engine and model shape."""
+        """What a checkpoint's shards mean: parallel sizes, engine, model shape and training data."""
         return dict(tp=self.dims.tp, pp=self.dims.pp, dp=self.dims.dp, sequence_parallel=self.dims.sp_enabled,
                     engine="pipeline" if self.config.uses_pipeline else "plain", step=self.step,
-                    model=to_dict(self.config.model))
+                    model=to_dict(self.config.model), data=self._data_description())
+
+    def _data_description(self) -> dict:
+        """What a forecast needs to know of the training data: normalization and lead time."""
+        norm = getattr(self.train_data, "normalization", None)
+        return dict(lead_hours=float(self.train_data.lead_hours),
+                    normalization=None if norm is None else dict(mean=norm.mean.tolist(), std=norm.std.tolist()))
 
     # -- helpers --------------------------------------------------------------------------------
 
