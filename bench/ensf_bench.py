@@ -15,10 +15,10 @@ import resource
 import statistics
 
 import torch
+from timing import add_device_options, selected_devices, timed  # bench/timing.py (scripts run from bench/)
 
 from da_plugin.filters.ensf import EnSF
 from da_plugin.obs import ObservationOperator
-from timing import add_device_options, selected_devices, timed  # bench/timing.py (scripts run from bench/)
 
 SIGMA_OBS = 0.05
 CPU_DIMS = [10_000, 100_000, 1_000_000]
@@ -119,7 +119,8 @@ def main() -> None:
     for device in selected_devices(args):
         check_accuracy(ensf, device, dtype)
         print(f"{'device':>6} {'d':>11} {'N':>3} {'K':>4} {'EnSF best':>10} {'EnSF med':>10} "
-              f"{'loop best':>11} {'loop med':>11} {'speedup':>8} {'GB/s':>7} {'peak mem':>14}   (times in ms/analysis)")
+              f"{'loop best':>11} {'loop med':>11} {'speedup':>8} {'GB/s':>7} {'peak mem':>14}"
+              "   (times in ms/analysis)")
         for d in args.dims or (CPU_DIMS if device.type == "cpu" else GPU_DIMS):
             print(bench_row(ensf, d, device, dtype, args), flush=True)
 

@@ -23,13 +23,13 @@ import statistics
 import torch
 import triton
 import triton.language as tl
+from ensf_scaling import copy_bandwidth  # bench/ is on the path of a bench script
 
-from da_plugin.counter_rng import pair_key
+from da_plugin.counter_rng import CounterDraws, pair_key
 from da_plugin.filters import ensf_fused
 from da_plugin.filters.ensf import EnSF
-from da_plugin.filters.ensf_fused import _polar, fused_reverse_sde
+from da_plugin.filters.ensf_fused import _polar
 from da_plugin.obs import ObservationOperator
-from ensf_scaling import copy_bandwidth  # bench/ is on the path of a bench script
 
 SIGMA_OBS = 0.05
 
@@ -88,7 +88,7 @@ def measure(d: int, args: argparse.Namespace, bandwidth: float) -> dict:
     forecast, y, obs = problem(d, n)
     fused = EnSF(ensemble_size=n, steps=k, backend="triton", likelihood_step=args.likelihood_step)
     torch.cuda.reset_peak_memory_stats()
-    fused_ms = cuda_ms(lambda: fused_reverse_sde(fused, forecast, y, obs, seed=1), args.repeats)
+    fused_ms = cuda_ms(lambda: fused.analysis(forecast, y, obs, CounterDraws(seed=1)), args.repeats)
     fused_peak = torch.cuda.max_memory_allocated() / 2**30
     rng_ms = rng_floor_ms(forecast, k, args.repeats)
     min_bytes = 4 * (2 * n * d + 2 * d)
@@ -118,7 +118,7 @@ def sweep(d: int, args: argparse.Namespace) -> None:
     for block in (256, 512, 1024, 2048):
         for warps in (2, 4, 8):
             ensf_fused.BLOCK, ensf_fused.NUM_WARPS = block, warps
-            ms = cuda_ms(lambda: fused_reverse_sde(ensf, forecast, y, obs, seed=1), args.repeats)
+            ms = cuda_ms(lambda: ensf.analysis(forecast, y, obs, CounterDraws(seed=1)), args.repeats)
             floor = rng_floor_ms(forecast, args.steps, args.repeats)
             print(f"  {block:>5} {warps:>3} {ms:>9.2f} {floor:>9.2f} {ms / floor:>6.2f}x", flush=True)
     ensf_fused.BLOCK, ensf_fused.NUM_WARPS = default  # the table below uses the defaults

@@ -26,13 +26,11 @@ import sys
 import tempfile
 
 import triton
+from ensf_fused_bench import _rng_only_kernel  # bench/ is on the path of a bench script
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ensf_fused_bench import _rng_only_kernel  # noqa: E402
-
-from da_plugin.filters import ensf_fused  # noqa: E402
+from da_plugin.filters import ensf_fused
 
 # SASS opcode (before the first dot) -> the unit that executes it on Hopper
 UNITS = {"FFMA": "fp32", "FMUL": "fp32", "FADD": "fp32", "FMNMX": "fp32",

@@ -54,7 +54,8 @@ def table(study: str, rows: list[dict]) -> str:
     for r in rows:
         ideal = base["seconds_per_analysis"] * (1 if study == "weak" else base["ranks"] / r["ranks"])
         lines.append(f"{r['ranks']:>6} {r['dim']:>12,} {r['seconds_per_analysis']:>11.3f} "
-                     f"{r['seconds_per_forecast']:>11.4f} {ideal / r['seconds_per_analysis']:>9.0%} {r['rmse_a']:>7.3f}")
+                     f"{r['seconds_per_forecast']:>11.4f} {ideal / r['seconds_per_analysis']:>9.0%} "
+                     f"{r['rmse_a']:>7.3f}")
     return "\n".join(lines)
 
 

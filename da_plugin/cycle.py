@@ -14,9 +14,10 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -93,7 +94,7 @@ class Twin:
     filter_noise: torch.Generator
 
     @classmethod
-    def start(cls, config: CycleConfig) -> "Twin":
+    def start(cls, config: CycleConfig) -> Twin:
         """Spin the truth up onto the attractor, fix the observed variables and draw the initial ensemble."""
         device, dtype, model = torch.device(config.device), DTYPES[config.dtype], config.model
         truth = model.initial_state(make_generator(config.seed, "truth"), dtype=dtype, device=device)
@@ -130,7 +131,8 @@ class Twin:
     def scores(self, stage: str) -> dict[str, float]:
         """rmse_<stage> and spread_<stage> of the ensemble (stage f: forecast, a: analysis); with
         the analysis, rmse_free of the free ensemble."""
-        scores = dict(zip((f"rmse_{stage}", f"spread_{stage}"), ensemble_stats(self.ensemble, self.truth)))
+        scores = dict(zip((f"rmse_{stage}", f"spread_{stage}"), ensemble_stats(self.ensemble, self.truth),
+                          strict=True))
         if stage == "a" and self.free is not None:
             scores["rmse_free"] = ensemble_stats(self.free, self.truth)[0]
         return scores

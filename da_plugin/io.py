@@ -8,7 +8,7 @@ leaves partial files and never clobbers the outputs of an earlier run.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ class AnalysisWriter:
         ds.Conventions = "CF-1.8"
         ds.title = "Ensemble data assimilation cycling diagnostics"
         ds.institution = "da_plugin"
-        ds.history = f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} created by da-cycle"
+        ds.history = f"{datetime.now(UTC).isoformat(timespec='seconds')} created by da-cycle"
         for key, value in attributes.items():
             ds.setncattr(key, value)
         ds.createDimension("time", None)

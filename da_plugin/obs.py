@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
@@ -28,7 +28,7 @@ class ObsConfig:
     sigma: float = 1.0  # observation error standard deviation
     every: int = 1  # model steps between analyses
     stride: int = 1  # observe every stride-th variable (offset 0)
-    random_fraction: Optional[float] = None  # observe a fixed random subset of this fraction instead
+    random_fraction: float | None = None  # observe a fixed random subset of this fraction instead
 
     def __post_init__(self) -> None:
         if not (self.sigma > 0 and math.isfinite(self.sigma)):
@@ -76,7 +76,7 @@ class ObservationOperator:
 
     @classmethod
     def from_config(cls, config: ObsConfig, grid_shape: tuple[int, ...],
-                    generator: torch.Generator) -> "ObservationOperator":
+                    generator: torch.Generator) -> ObservationOperator:
         """Operator for a state of ``grid_shape``; random subsets are drawn once from ``generator``."""
         dim = math.prod(grid_shape)
         if config.random_fraction is not None:
@@ -88,7 +88,7 @@ class ObservationOperator:
 
     @classmethod
     def slab_from_config(cls, config: ObsConfig, dim: int, start: int,
-                         stop: int) -> tuple["ObservationOperator", range]:
+                         stop: int) -> tuple[ObservationOperator, range]:
         """``from_config(config, (dim,), ...).restrict(start, stop)`` without the global operator, whose
         index vector a rank of a 1e8-variable state should not hold: strided layouts only."""
         if config.random_fraction is not None:
@@ -98,7 +98,7 @@ class ObservationOperator:
         local = torch.arange(positions.start, positions.stop, dtype=torch.long) * config.stride - start
         return cls(config.operator, config.sigma, local, stop - start), positions
 
-    def restrict(self, start: int, stop: int) -> tuple["ObservationOperator", torch.Tensor]:
+    def restrict(self, start: int, stop: int) -> tuple[ObservationOperator, torch.Tensor]:
         """The operator seen by the slab [start, stop) of a 1-D state, and the positions of its
         observations in the full observation vector (a slab may observe nothing)."""
         if self._sorted:

@@ -110,6 +110,7 @@ def test_shipped_configs_load(path):
         assert config.burn_in < config.cycles
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["letkf", "etkf"])
 def test_kalman_filters_cycle_on_the_40_variable_benchmark(tmp_path, name):
     out = tmp_path / name

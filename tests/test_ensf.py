@@ -17,7 +17,7 @@ def brute_force_mixture_mean(z, forecast, alpha, sigma2):
         logits = torch.stack([-((z[i] - alpha * x) ** 2).sum() / (2 * sigma2) for x in forecast])
         weights = torch.exp(logits - logits.max())
         weights /= weights.sum()
-        out[i] = sum(w * x for w, x in zip(weights, forecast))
+        out[i] = sum(w * x for w, x in zip(weights, forecast, strict=True))
     return out
 
 
@@ -67,6 +67,7 @@ def test_mixture_mean_matches_brute_force(chunk_size):
                                    brute_force_mixture_mean(z, forecast, a, s2), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_mixture_converges_to_gaussian_limit_as_n_grows():
     mu, P, H = linear_gaussian_problem([0, 2])
     r, y = 0.49, torch.tensor([2.0, -1.0], dtype=torch.float64)
@@ -163,7 +164,7 @@ def test_steep_step_note_reports_the_factor_the_steps_apply(steps, sigma, likeli
     stiffness = [step.likelihood / sigma**2 for step in ensf.schedule()]
     if likelihood_step == "semi_implicit":
         stiffness = [g / (1 + g) for g in stiffness]
-    factors = [step.keep - g for step, g in zip(ensf.schedule(), stiffness)]
+    factors = [step.keep - g for step, g in zip(ensf.schedule(), stiffness, strict=True)]
     torch.testing.assert_close(difference, torch.tensor(factors, dtype=torch.float64).prod(), rtol=1e-5, atol=0)
     note = ensf.steep_step_note(sigma)
     amplifying = sum(factor < -1 for factor in factors)

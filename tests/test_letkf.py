@@ -54,7 +54,8 @@ def letkf_point_loop(forecast, y, obs_index, sigma, grid_shape, radius, rho):
 
 def ensemble(members, dim, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return 2.0 + torch.randn(members, dim, dtype=torch.float64, generator=gen) * torch.linspace(0.5, 2, dim, dtype=torch.float64)
+    scale = torch.linspace(0.5, 2, dim, dtype=torch.float64)
+    return 2.0 + torch.randn(members, dim, dtype=torch.float64, generator=gen) * scale
 
 
 def test_gaspari_cohn_against_formula_and_radius_convention():

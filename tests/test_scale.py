@@ -47,6 +47,7 @@ def single_process(overrides: list[str]) -> dict:
     return run(load_config(ScaleConfig, CONFIG, overrides), Launch(0, 1, 0, "single"))
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("launcher,world", [("torchrun", 3), ("srun", 2)])
 def test_ranks_give_the_single_process_numbers(tmp_path, launcher, world):
     reference = single_process(SMALL)
@@ -60,6 +61,7 @@ def test_ranks_give_the_single_process_numbers(tmp_path, launcher, world):
         np.testing.assert_allclose(summary["history"][key], reference["history"][key], rtol=1e-5)
 
 
+@pytest.mark.multiprocess
 def test_problem_shards_from_mpiexec_reproduce_the_computed_run(tmp_path):
     problem = tmp_path / "problem"
     subprocess.run([*MPIEXEC, "-n", "2", sys.executable, str(ROOT / "tools/ensf_problem_gen.py"), "--dim", "203",
@@ -88,6 +90,7 @@ def test_mismatched_or_damaged_shards_are_named(tmp_path):
     assert (problem / "meta.json").exists()
 
 
+@pytest.mark.multiprocess
 def test_a_dead_rank_stops_the_others_with_an_error_within_the_timeout(tmp_path):
     long_run = ["model.dim=4000", "cycles=100000", "spinup_steps=0", "filter.steps=10", "progress=true",
                 "device=cpu", "timeout_s=20", f"output_dir={tmp_path / 'out'}"]

@@ -24,8 +24,9 @@ float32, componentwise operators). :meth:`EnSF.analysis` alone picks between the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 

@@ -29,7 +29,7 @@ and the torch path.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -8,7 +8,7 @@ built here from chunked matrix products (memory O(N d + N^2), never an N x N x d
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

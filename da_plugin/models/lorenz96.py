@@ -12,7 +12,6 @@ import torch
 
 from da_plugin.models.integrate import rk4
 
-
 HALO_LEFT, HALO_RIGHT = 2, 1  # neighbours the tendency at k reads: x_{k-2}, x_{k-1} and x_{k+1}
 
 

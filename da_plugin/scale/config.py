@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from da_plugin.filters.ensf import EnSF
 from da_plugin.models.lorenz96 import Lorenz96
@@ -18,7 +18,7 @@ class ScaleConfig:
     cycles: int = 10
     spinup_steps: int = 1000  # truth steps from 8 + N(0, 1) onto the attractor
     init_spread: float = 1.0  # initial ensemble = truth + N(0, init_spread^2)
-    problem_dir: Optional[str] = None  # read truth/obs shards (tools/ensf_problem_gen.py) instead of computing them
+    problem_dir: str | None = None  # read truth/obs shards (tools/ensf_problem_gen.py) instead of computing them
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the rank's local GPU when there is one
     dtype: Literal["float32", "float64"] = "float32"
     timeout_s: float = 300.0  # a rank silent this long (dead, hung) stops the job with an error

@@ -17,8 +17,8 @@ the writer's and the reader's rank counts need not agree, and no process holds t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch

@@ -20,7 +20,7 @@ import math
 import statistics
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -78,7 +78,7 @@ def run(config: ScaleConfig, launch: Launch) -> dict:
         if not math.isfinite(rmse_a):
             raise FloatingPointError(f"the analysis diverged (NaN/inf) at cycle {cycle}")
         for key, value in zip(history, (rmse_f, rmse_a, spread_a, forecast_done - started,
-                                        analysis_done - forecast_done)):
+                                        analysis_done - forecast_done), strict=True):
             history[key].append(value)
         bar.set_postfix(rmse_a=f"{rmse_a:.3f}")
         forecast = analysis

@@ -8,7 +8,7 @@ gives the numbers of a single process. The streams lie far above the analyses' d
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -21,8 +21,8 @@ from da_plugin.scale.slabs import Slab, rk4_step
 TRUTH_DRAW, ENSEMBLE_DRAW, OBS_DRAW = 1 << 40, (1 << 40) + 2, 1 << 41
 
 
-def twin_truth(config: ScaleConfig, slab: Slab, obs: ObservationOperator, device: torch.device,
-               dtype: torch.dtype, group: dist.ProcessGroup | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def twin_truth(config: ScaleConfig, slab: Slab, obs: ObservationOperator, device: torch.device, dtype: torch.dtype,
+               group: dist.ProcessGroup | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Truth slab at t0, then (truth, y) at each analysis time, computed by all ranks together."""
     dim, model = config.model.dim, config.model
     truth = model.forcing + counter_normal(config.seed, TRUTH_DRAW, 1, slab.start, slab.stop, dim, dtype, device)[0]
