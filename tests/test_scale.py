@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import free_port
+from da_plugin.scale import problem_gen
 from da_plugin.scale.config import ScaleConfig
 from da_plugin.scale.launch import Launch, detect_launch, init_distributed
 from da_plugin.scale.run import run
@@ -69,6 +70,8 @@ def test_problem_shards_from_mpiexec_reproduce_the_computed_run(tmp_path):
                    capture_output=True)
     meta = json.loads((problem / "meta.json").read_text())
     assert meta["shards"] == [[0, 102], [102, 203]]
+    assert sorted(path.name for path in problem.iterdir()) == [  # published, and no staging directory left
+        "meta.json", "obs_00000.npy", "obs_00001.npy", "truth_00000.npy", "truth_00001.npy"]
     computed = single_process(SMALL)
     read = single_process(SMALL + [f"problem_dir={problem}"])
     np.testing.assert_allclose(read["history"]["rmse_a"], computed["history"]["rmse_a"], rtol=1e-6)
@@ -88,6 +91,17 @@ def test_mismatched_or_damaged_shards_are_named(tmp_path):
                              "--out", str(problem)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "not empty" in result.stderr
     assert (problem / "meta.json").exists()
+
+
+def test_a_failed_problem_generation_leaves_no_directory(tmp_path, monkeypatch, capsys):
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(problem_gen, "write_shard", fail)
+    out = tmp_path / "problem"
+    assert problem_gen.main(["--dim", "203", "--steps", "3", "--out", str(out)]) == 1
+    assert "rank 0: error: disk full" in capsys.readouterr().err
+    assert not out.exists()
 
 
 @pytest.mark.multiprocess
