@@ -47,12 +47,12 @@ def write_run(path: Path, pv: np.ndarray, *, dims=("t", "z", "y", "x"), name: st
     With `written`, only that many frames of pv hold data, as when a writer died mid-run."""
     with netCDF4.Dataset(path, "w", format=fmt) as nc:
         nc.setncatts(ATTRIBUTES)
-        for dim, size in zip(dims, pv.shape):
+        for dim, size in zip(dims, pv.shape, strict=True):
             nc.createDimension(dim, None if dim == "t" else size)
         variable = nc.createVariable(name, np.float32, dims, zlib=fmt != "NETCDF3_CLASSIC")
         variable.units = "K"
         variable[:written] = pv[:written]
-        for dim, size in zip(dims[1:], pv.shape[1:]):
+        for dim, size in zip(dims[1:], pv.shape[1:], strict=True):
             coordinate = nc.createVariable(dim, np.float32, (dim,))
             coordinate.units = "meters"
             coordinate[:] = np.arange(size) * (10e3 if dim == "z" else 20e6 / size)
@@ -182,6 +182,7 @@ def test_day_selection_snaps_to_frames(tmp_path):
 # --- nc2npy_mpi -------------------------------------------------------------------------------------
 
 
+@pytest.mark.multiprocess
 def test_nc2npy_is_independent_of_rank_count_and_matches_numpy(data):
     root, pv, run = data
     out = root / "n2"
@@ -200,7 +201,7 @@ def test_nc2npy_is_independent_of_rank_count_and_matches_numpy(data):
     bounds = list(DAYS.values())
     meta = json.loads((out / "meta.json").read_text())
     assert meta["dt_seconds"] == HOURS * 3600 and meta["shape"] == [2, NY, NX] and meta["num_shards"] == SHARDS
-    for split, a, b in zip(("train", "val", "test"), bounds, bounds[1:]):
+    for split, a, b in zip(("train", "val", "test"), bounds, bounds[1:], strict=False):
         shards = [np.load(out / s["file"]) for s in meta["splits"][split]["shards"]]
         assert all(s.dtype == np.float32 and s.shape[1:] == (2, NY, NX) for s in shards)
         assert [len(s) for s in shards] == [s["frames"] for s in meta["splits"][split]["shards"]]
@@ -214,6 +215,8 @@ def test_nc2npy_is_independent_of_rank_count_and_matches_numpy(data):
     assert got["normalize_mean"].shape == (2,) and got["climatology"].shape == (2, NY, NX)
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_split_pieces_reproduce_the_run_and_convert_like_it(data):
     root, pv, run = data
     pieces = {}
@@ -225,12 +228,12 @@ def test_split_pieces_reproduce_the_run_and_convert_like_it(data):
         pieces[ranks] = sorted(out.glob("*.nc"))
         assert [p.name for p in pieces[ranks]] == [f"run_{k:04d}.nc" for k in range(5)]  # 4 x 90 + 40 frames
     with netCDF4.Dataset(run) as source:
-        for ranks, files in pieces.items():
+        for files in pieces.values():
             parts = [netCDF4.Dataset(f) for f in files]
             try:
                 for name in ("pv", "t"):
                     np.testing.assert_array_equal(np.concatenate([p[name][:] for p in parts]), source[name][:])
-                for part, start in zip(parts, range(0, FRAMES, 90)):
+                for part, start in zip(parts, range(0, FRAMES, 90), strict=True):
                     assert part.source_frames == f"{start}:{min(start + 90, FRAMES)}"
                     assert part.source_file == str(run)
                     assert {k: part.getncattr(k) for k in source.ncattrs()} == source.__dict__
@@ -295,6 +298,7 @@ BAD_INPUTS = {  # case: (make the input in a directory, extra arguments, phrases
 }
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case, fresh", [(case, False) for case in BAD_INPUTS] + [("unfinished", True)],
                          ids=[*BAD_INPUTS, "unfinished, new out dir"])
 def test_bad_input_fails_on_all_ranks_and_writes_nothing(tmp_path, case, fresh):
@@ -316,6 +320,7 @@ def test_bad_input_fails_on_all_ranks_and_writes_nothing(tmp_path, case, fresh):
         assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train"] and tree(out) == before
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", ["no pv", "length"])
 def test_split_bad_input_fails_and_writes_nothing(tmp_path, case):
     source = write_run(tmp_path / "run.nc", make_pv(), name="theta" if case == "no pv" else "pv")
@@ -326,6 +331,7 @@ def test_split_bad_input_fails_and_writes_nothing(tmp_path, case):
     assert not (tmp_path / "pieces").exists()
 
 
+@pytest.mark.multiprocess
 def test_failure_on_one_rank_stops_every_rank():
     """A rank other than 0 fails inside the shared work wrapper: every rank exits 1 and none waits forever."""
     code = ("import sys; from mpi4py import MPI\n"

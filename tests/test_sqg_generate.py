@@ -20,6 +20,7 @@ def generate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*TOOL, *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_equals_a_straight_run(tmp_path):
     straight, pieces = tmp_path / "straight.nc", tmp_path / "pieces.nc"
     assert generate("--days", "3", "--out", str(straight)).returncode == 0
@@ -34,6 +35,7 @@ def test_a_resumed_run_equals_a_straight_run(tmp_path):
         assert 1.0 < float(np.std(a["pv"][-1])) < 50.0  # a finite, evolving temperature field
 
 
+@pytest.mark.slow
 def test_existing_output_is_kept_and_mismatched_resume_is_named(tmp_path):
     out = tmp_path / "run.nc"
     assert generate("--days", "1", "--out", str(out)).returncode == 0

@@ -33,8 +33,9 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,8 +44,7 @@ from tqdm import tqdm
 from da_plugin.models.sqg import PRESETS, SQG, invert
 from megavit.atomic import atomic_file
 from megavit.config import DTYPES
-from megavit.data.sqg_netcdf import (DAY, FrameReader, InputError, RunWriter, Timeline, check_run, create_run,
-                                     open_run)
+from megavit.data.sqg_netcdf import DAY, FrameReader, InputError, RunWriter, Timeline, check_run, create_run, open_run
 
 TITLE = "SQG turbulence truth run (da_plugin.models.sqg)"
 COMMAND = "tools/sqg_generate.py"  # the documented command, recorded in each file's history

@@ -15,16 +15,32 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from megavit.data.moments import Moments, combine_all
-from megavit.data.mpi_tools import (SharedStaging, add_block_option, add_option, on_every_rank, on_root, progress,
-                                    run_tool)
-from megavit.data.shards import (META_FILE, SPLITS, STATISTICS, Shard, metadata, new_shard, write_metadata,
-                                 write_statistics)
+from megavit.data.mpi_tools import (
+    SharedStaging,
+    add_block_option,
+    add_option,
+    on_every_rank,
+    on_root,
+    progress,
+    run_tool,
+)
+from megavit.data.shards import (
+    META_FILE,
+    SPLITS,
+    STATISTICS,
+    Shard,
+    metadata,
+    new_shard,
+    write_metadata,
+    write_statistics,
+)
 from megavit.data.sqg_netcdf import FrameReader, InputError, Timeline, expand_inputs, frame_blocks, open_run
 
 DAY_BOUNDS = ("start_train_day", "start_val_day", "start_test_day", "end_day")
@@ -45,7 +61,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="netCDF files or directories of *.nc: pieces of one run, joined in time order")
     add_option(parser, "out-dir", required=True, help="output directory (created if missing)")
     for name, meaning in zip(DAY_BOUNDS, ("first day of train", "first day of val, end of train",
-                                          "first day of test, end of val", "end of test (exclusive)")):
+                                          "first day of test, end of val", "end of test (exclusive)"), strict=True):
         add_option(parser, name, type=float, required=True, help=f"{meaning}, in days of the time coordinate")
     add_option(parser, "num_shards", type=int, required=True, help="shards per split")
     add_block_option(parser)
@@ -55,7 +71,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def make_plan(args: argparse.Namespace) -> Plan:
     """Validate the inputs and day bounds and lay out the shards (rank 0 only)."""
     bounds = [getattr(args, name) for name in DAY_BOUNDS]
-    if not all(a < b for a, b in zip(bounds, bounds[1:])):
+    if not all(a < b for a, b in pairwise(bounds)):
         raise InputError(f"day bounds must satisfy start_train_day < start_val_day < start_test_day < end_day, "
                          f"got {', '.join(f'{b:g}' for b in bounds)}")
     if args.num_shards < 1:
@@ -67,9 +83,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise InputError(f"days [{bounds[0]:g}, {bounds[-1]:g}) are beyond the data: {len(timeline.times)} frames "
                          f"every {timeline.step / 3600:g} h cover days [{first:g}, {end:g})")
     frames = [timeline.frame_at(day) for day in bounds]
-    splits = {split: (a, b) for split, a, b in zip(SPLITS, frames, frames[1:])}
+    splits = dict(zip(SPLITS, pairwise(frames), strict=True))
     shards = []
-    for (split, (a, b)), day_a, day_b in zip(splits.items(), bounds, bounds[1:]):
+    for (split, (a, b)), (day_a, day_b) in zip(splits.items(), pairwise(bounds), strict=True):
         n = b - a
         if n < args.num_shards:
             raise InputError(f"split '{split}' (days [{day_a:g}, {day_b:g})) has {n} frames, fewer than "

@@ -122,7 +122,7 @@ class Normalization:
     std: np.ndarray
 
     @classmethod
-    def load(cls, root: str | Path) -> "Normalization":
+    def load(cls, root: str | Path) -> Normalization:
         """Read normalize_mean.npz and normalize_std.npz from the shard root."""
         root = Path(root)
         arrays = []
@@ -175,7 +175,8 @@ class SQGShards(Dataset):
             except FileNotFoundError:
                 raise FileNotFoundError(f"shard {path} listed in {meta_path} is missing; {HINT}") from None
             if array.ndim != 4 or array.shape[1:] != shape or array.shape[0] != entry["frames"]:
-                raise ValueError(f"{path}: shape {array.shape}, expected ({entry['frames']}, {', '.join(map(str, shape))})")
+                expected = ", ".join(map(str, (entry["frames"], *shape)))
+                raise ValueError(f"{path}: shape {array.shape}, expected ({expected})")
             self.shards.append(array)
         # sample k -> (shard, first frame): every frame with a target `lead` frames later in its shard
         self.index = [(s, i) for s, array in enumerate(self.shards) for i in range(array.shape[0] - lead)]

@@ -20,10 +20,24 @@ from typing import Any
 import netCDF4
 import numpy as np
 
-from megavit.data.mpi_tools import (SharedStaging, add_block_option, add_option, on_every_rank, on_root, progress,
-                                    run_tool)
-from megavit.data.sqg_netcdf import (InputError, expand_inputs, frame_blocks, frame_step, frames_for_days, open_run,
-                                     read_pv)
+from megavit.data.mpi_tools import (
+    SharedStaging,
+    add_block_option,
+    add_option,
+    on_every_rank,
+    on_root,
+    progress,
+    run_tool,
+)
+from megavit.data.sqg_netcdf import (
+    InputError,
+    expand_inputs,
+    frame_blocks,
+    frame_step,
+    frames_for_days,
+    open_run,
+    read_pv,
+)
 
 
 @dataclass
@@ -88,7 +102,7 @@ def copy_variable(variable: netCDF4.Variable, target: netCDF4.Dataset, piece: Pi
         variable.name, variable.dtype, variable.dimensions,
         compression="zlib" if filters.get("zlib") else None, complevel=filters.get("complevel", 4),
         shuffle=filters.get("shuffle", False), contiguous=chunking == "contiguous",
-        chunksizes=[min(c, n) for c, n in zip(chunking, shape)] if isinstance(chunking, list) else None,
+        chunksizes=[min(c, n) for c, n in zip(chunking, shape, strict=True)] if isinstance(chunking, list) else None,
         fill_value=getattr(variable, "_FillValue", None))
     copy.set_auto_scale(False)
     copy.setncatts({name: variable.getncattr(name) for name in variable.ncattrs() if name != "_FillValue"})

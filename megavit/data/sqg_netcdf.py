@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +54,11 @@ def create_run(path: str | Path, *, n: int, length: float, height: float, title:
     as global attributes. Published atomically: ``path`` is a complete file or absent."""
     with atomic_path(path) as tmp, netCDF4.Dataset(tmp, "w", format=FORMAT) as ds:
         ds.title = title
-        ds.history = f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} created by {creator}"
+        ds.history = f"{datetime.now(UTC).isoformat(timespec='seconds')} created by {creator}"
         ds.comment = PV_COMMENT
         for key, value in attributes.items():
             ds.setncattr(key, value)
-        for name, size in zip(PV_DIMENSIONS, (None, LEVELS, n, n)):
+        for name, size in zip(PV_DIMENSIONS, (None, LEVELS, n, n), strict=True):
             ds.createDimension(name, size)
         pv = ds.createVariable("pv", "f4", PV_DIMENSIONS)
         pv.units = "K"
@@ -274,7 +274,7 @@ class Timeline:
 
     def pieces(self, start: int, stop: int) -> Iterator[tuple[Run, int, int]]:
         """(run, first, last) of each run's part of global frames [start, stop), in time order."""
-        for run, offset in zip(self.runs, self.offsets):
+        for run, offset in zip(self.runs, self.offsets, strict=True):
             first, last = max(start, offset), min(stop, offset + len(run.times))
             if first < last:
                 yield run, first - offset, last - offset
