@@ -1,4 +1,6 @@
-"""SQG training data: memory-mapped shards with normalization, and synthetic frames."""
+"""SQG data: the truth-run netCDF format (`sqg_netcdf`), the training shards (`shards`: memory-mapped
+reader with normalization, and their writer), the preprocessing commands (`preprocess`, `split_runs`)
+with their statistics (`moments`) and MPI plumbing (`mpi_tools`), and synthetic frames."""
 
 from megavit.data.shards import Normalization, SQGShards, SyntheticFrames
 
