@@ -16,10 +16,10 @@ import argparse
 import statistics
 
 import torch
+from timing import add_device_options, selected_devices, timed  # bench/timing.py (scripts run from bench/)
 
 from da_plugin.filters.letkf import LETKF, apply_transform, ensemble_transform
 from da_plugin.obs import ObservationOperator
-from timing import add_device_options, selected_devices, timed  # bench/timing.py (scripts run from bench/)
 
 
 def problem(d: int, n: int, device: torch.device, dtype: torch.dtype,

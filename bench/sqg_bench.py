@@ -16,9 +16,9 @@ import argparse
 import statistics
 
 import torch
+from timing import add_device_options, selected_devices, timed  # bench/timing.py (scripts run from bench/)
 
 from da_plugin.models.sqg import SQG
-from timing import add_device_options, selected_devices, timed  # bench/timing.py (scripts run from bench/)
 
 
 def check(device: torch.device, dtype: torch.dtype) -> None:

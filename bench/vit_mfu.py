@@ -28,11 +28,11 @@ import statistics
 from pathlib import Path
 
 import torch
+from timing import timed  # bench/timing.py (scripts run from bench/)
 from torch.profiler import ProfilerActivity, profile
 
 from megavit.model import ViT, ViTConfig, block_flops, count_parameters, flops_per_sample, load_vit_config, mse_loss
 from megavit.model.vit import Block
-from timing import timed  # bench/timing.py (scripts run from bench/)
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation near full memory
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "vit"

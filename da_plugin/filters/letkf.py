@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -89,7 +88,7 @@ class ETKF(EnsembleKalmanMixin):
 class LETKF(EnsembleKalmanMixin):
     """Local ETKF: one ensemble transform per grid point, all points in one batched solve."""
 
-    localization_radius: Optional[float] = None  # grid units (Sakov & Bertino, see module docstring); None: global
+    localization_radius: float | None = None  # grid units (Sakov & Bertino, see module docstring); None: global
     batch_size: int = 8192  # grid points per batched eigendecomposition (bounds memory)
     _neighbours: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
