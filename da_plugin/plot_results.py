@@ -183,6 +183,9 @@ def write_figures(runs: Sequence[Run], out: Path, cycle: int) -> list[Path]:
     """All figures into ``out``; returns their paths. Runs without a grid get a note on stderr."""
     if len({(run.time_label, run.error_label) for run in runs}) > 1:
         raise RunError("the runs have different time or error units; compare runs of one model")
+    for run in runs:
+        if run.grid is not None and not -len(run.time) <= cycle < len(run.time):
+            raise RunError(f"--cycle {cycle} is outside {run.path}'s cycles 0..{len(run.time) - 1}")
     comparison = out / "rmse_spread.png"
     series = [RunSeries(run.label, run.time, run.scores["rmse_a"], run.scores["spread_a"], run.free) for run in runs]
     plot_run_comparison(comparison, series, runs[0].time_label, runs[0].error_label)
@@ -191,11 +194,8 @@ def write_figures(runs: Sequence[Run], out: Path, cycle: int) -> list[Path]:
         if run.grid is None:
             print(f"{PROG}: note: no maps or spectra for {run.label}: {run.no_grid_reason}", file=sys.stderr)
             continue
-        cycles = len(run.time)
-        if not -cycles <= cycle < cycles:
-            raise RunError(f"--cycle {cycle} is outside {run.path}'s cycles 0..{cycles - 1}")
         truth, analysis = read_fields(run, cycle)
-        when = f"{run.label}, cycle {cycle % cycles} (time {run.time[cycle]:.4g} {run.time_units})"
+        when = f"{run.label}, cycle {cycle % len(run.time)} (time {run.time[cycle]:.4g} {run.time_units})"
         for kind, plot in (("maps", plot_fields), ("spectra", plot_spectra)):
             path = out / figure_name(kind, run.label)
             plot(path, truth, analysis, when, run.units)

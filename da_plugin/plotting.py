@@ -75,7 +75,7 @@ def plot_run_comparison(path: Path, runs: Sequence[RunSeries], time_label: str, 
     ax.set_ylim(bottom=0)
     ax.set_xlabel(time_label)
     ax.set_ylabel(error_label)
-    ax.set_title("analysis RMSE (solid) and spread (dashed)")
+    ax.set_title("analysis RMSE (solid), spread (dashed), free-run RMSE (dotted)")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     save_figure(fig, path)
