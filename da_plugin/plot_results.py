@@ -100,9 +100,9 @@ def load_run(path: Path, label: str) -> Run:
     return Run(label, path, summary, time, time_units, scores, "" if units == "1" else units, grid, no_grid_reason)
 
 
-def _read(variable: netCDF4.Variable) -> np.ndarray:
-    """A variable's values as float64, missing values as NaN."""
-    return np.ma.filled(np.ma.asarray(variable[:], dtype=np.float64), np.nan)
+def _read(variable: netCDF4.Variable, index: int | slice = slice(None)) -> np.ndarray:
+    """A variable's values (all, or at ``index`` along its first dimension) as float64, missing values as NaN."""
+    return np.ma.filled(np.ma.asarray(variable[index], dtype=np.float64), np.nan)
 
 
 def _time_axis(variable: netCDF4.Variable) -> tuple[np.ndarray, str]:
@@ -143,7 +143,9 @@ def _parse_shape(value: Any, size: int, where: Path) -> tuple[int, ...]:
 def read_fields(run: Run, cycle: int) -> tuple[np.ndarray, np.ndarray]:
     """Truth and analysis mean at ``cycle`` as ``[levels, ny, nx]`` arrays (run.grid must be set)."""
     with netCDF4.Dataset(run.analysis_file) as dataset:
-        return tuple(_read(dataset[name])[cycle].reshape(run.grid) for name in ("truth", "analysis_mean"))
+        index = cycle % len(run.time)
+        truth, mean = (_read(dataset[name], index).reshape(run.grid) for name in ("truth", "analysis_mean"))
+    return truth, mean
 
 
 def time_means(run: Run, burn_in: int | None) -> dict[str, float]:
