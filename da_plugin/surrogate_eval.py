@@ -162,6 +162,8 @@ class Evaluation:
 
 def prepare(args: argparse.Namespace) -> Evaluation:
     """Read and check every input: the frames, the checkpoint, the SQG parameters and the schedule."""
+    if args.steps < 1:
+        raise InputError(f"--steps must be >= 1, got {args.steps}")
     check_device(args.device)
     source = shard_source(args.shards, args.split) if args.shards else run_source(args.run)
     surrogate = load_surrogate(args.checkpoint, device=args.device, dtype=COMPUTE_DTYPES[args.dtype])
@@ -250,10 +252,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=sorted(COMPUTE_DTYPES), help="ViT precision")
     parser.add_argument("--sqg-dtype", choices=sorted(DTYPES),
                         help="SQG precision (default: the truth run's dtype attribute, else float64)")
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

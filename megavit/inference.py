@@ -153,10 +153,7 @@ def parse_forecast_args(argv: Sequence[str] | None = None) -> argparse.Namespace
     parser.add_argument("--dtype", default="float32", choices=sorted(COMPUTE_DTYPES),
                         help="model precision (default float32; the file stores float32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    return args
+    return parser.parse_args(argv)
 
 
 def initial_index(times: np.ndarray, time_index: int | None, day: float | None, path: str) -> int:
@@ -176,7 +173,9 @@ def initial_index(times: np.ndarray, time_index: int | None, day: float | None, 
 
 
 def prepare_forecast(args: argparse.Namespace) -> ForecastRequest:
-    """Check every input before any work: output path, device, checkpoint, initial frame and its grid."""
+    """Check every input before any work: steps, output path, device, checkpoint, initial frame and its grid."""
+    if args.steps < 1:
+        raise InputError(f"--steps must be >= 1, got {args.steps}")
     if os.path.exists(args.output) and not args.overwrite:
         raise InputError(f"{args.output} already exists; pass --overwrite to replace it")
     check_device(args.device)
