@@ -11,26 +11,76 @@ ensemble from the same start runs beside it without assimilation. Outputs land i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import netCDF4
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from da_plugin.filters import FILTERS
 from da_plugin.filters.ensf import EnSF
-from da_plugin.io import AnalysisWriter, write_json, write_yaml
+from da_plugin.io import AnalysisWriter, read_restart, write_json, write_restart, write_yaml
 from da_plugin.models import MODELS
+from da_plugin.models.sqg import SQG
+from da_plugin.models.sqg_truth import model_from_attributes
 from da_plugin.obs import ObsConfig, ObservationOperator
 from da_plugin.plotting import plot_error_series
 from megavit.atomic import staged_output
 from megavit.config import DTYPES, config_errors, load_config, registry_field, to_dict
+from megavit.data.sqg_netcdf import DAY, open_run, read_pv
+
+
+@dataclass
+class TruthConfig:
+    """Where the nature run comes from: a model integrated from ``spinup_steps``, or an SQG run file."""
+
+    source: Literal["model", "file"] = "model"
+    # source=model: the nature run's model section (any ``model.name``); absent: the forecast model
+    # itself (a perfect-model twin). Resolved at load, so config.yaml always names it.
+    model: Any = field(default=None, metadata={"registry": MODELS, "default": "sqg"})
+    path: str | None = None  # source=file: an SQG netCDF run (tools/sqg_generate.py), theta in K
+    start_day: float = 0.0  # source=file: the day of the initial state (the first analysis is one interval later)
+
+    def __post_init__(self) -> None:
+        if self.source == "file" and self.path is None:
+            raise ValueError("truth.source=file needs truth.path (an SQG netCDF run, tools/sqg_generate.py)")
+        if self.source == "model" and self.path is not None:
+            raise ValueError("truth.path is read only with truth.source=file")
+
+
+@dataclass
+class ShockConfig:
+    """Sudden perturbations of the truth (the SC24 coupled experiment's shocks), on by ``mode``.
+
+    Each cycle is shocked with probability ``fraction`` (drawn once from the seed; the first cycle
+    never is, as published); a shock adds white noise of one of ``amplitudes_pv`` (std in PV units,
+    m/s, converted to K by the truth model's f theta0 / g), picked with probabilities ``weights``.
+    ``observed``: the observations and the scores see truth + noise for that cycle only, while the
+    nature run continues unperturbed (as published); ``nature``: the nature run itself jumps.
+    """
+
+    mode: Literal["off", "observed", "nature"] = "off"
+    fraction: float = 0.5
+    amplitudes_pv: list[float] = field(default_factory=lambda: [1500.0, 1200.0, 900.0, 600.0])
+    weights: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4])  # the SC24 code's bins
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"shocks.fraction must be in (0, 1], got {self.fraction}")
+        if not self.amplitudes_pv or any(not a > 0 for a in self.amplitudes_pv):
+            raise ValueError(f"shocks.amplitudes_pv must be a non-empty list of numbers > 0, got {self.amplitudes_pv}")
+        if len(self.weights) != len(self.amplitudes_pv) or any(w < 0 for w in self.weights) \
+                or not math.isclose(sum(self.weights), 1.0, rel_tol=1e-6):
+            raise ValueError(f"shocks.weights must be {len(self.amplitudes_pv)} numbers >= 0 (one per amplitude) "
+                             f"summing to 1, got {self.weights}")
 
 
 @dataclass
@@ -41,15 +91,20 @@ class CycleConfig:
     cycles: int = 600  # analysis cycles
     burn_in: int = 100  # leading cycles left out of the time means
     output_dir: str = "runs/da"
-    spinup_steps: int = 2000  # model steps taking the truth onto the attractor
+    spinup_steps: int = 2000  # truth model steps taking the truth onto the attractor (truth.source=model)
     init_spread: float = 1.0  # initial ensemble = truth + N(0, init_spread^2)
     free_run: bool = True  # also run the ensemble without assimilation (rmse_free)
     save_fields: bool = True  # store truth/mean/spread/observations every cycle in analysis.nc
+    assimilate_cycles: int | None = None  # analyses only in the first k cycles (1: a free run after one); None: all
+    restart_every: int = 0  # write output_dir/restart.pt every k cycles (0: never)
+    resume: bool = False  # continue from output_dir/restart.pt
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"
     progress: bool = True  # tqdm bar on stderr
     model: Any = registry_field(MODELS, "lorenz96")
+    truth: TruthConfig = field(default_factory=TruthConfig)
     obs: ObsConfig = field(default_factory=ObsConfig)
+    shocks: ShockConfig = field(default_factory=ShockConfig)
     filter: Any = registry_field(FILTERS, "ensf")
 
     def __post_init__(self) -> None:
@@ -61,6 +116,82 @@ class CycleConfig:
             raise ValueError(f"spinup_steps must be >= 0, got {self.spinup_steps}")
         if not self.init_spread >= 0:
             raise ValueError(f"init_spread must be >= 0, got {self.init_spread}")
+        if self.assimilate_cycles is not None and self.assimilate_cycles < 0:
+            raise ValueError(f"assimilate_cycles must be >= 0 (or null: every cycle), got {self.assimilate_cycles}")
+        if self.restart_every < 0:
+            raise ValueError(f"restart_every must be >= 0 cycles (0: no restart file), got {self.restart_every}")
+        if self.truth.source == "model":
+            if self.truth.model is None:
+                self.truth.model = self.model
+            if not hasattr(self.truth.model, "initial_state"):
+                raise ValueError(f"truth.model: {type(self.truth.model).__name__} cannot start a nature run; "
+                                 "set truth.model.name (e.g. sqg) or truth.source=file")
+        else:
+            self.truth.model = RunFile.open(self.truth.path).model
+        self.nature_steps = steps_per_interval(self.truth.model, self.interval, "truth.model")
+        self.forecast_steps = steps_per_interval(self.model, self.interval, "model")
+        if self.truth.source == "file":
+            RunFile.open(self.truth.path).check_cycles(self.truth.start_day, self.interval, self.cycles)
+        if self.shocks.mode != "off":
+            if not hasattr(self.truth.model, "scale"):
+                raise ValueError("shocks are in PV units and need an SQG truth (f theta0 / g converts them to K); "
+                                 f"truth model is {type(self.truth.model).__name__}")
+            if self.shocks.mode == "nature" and self.truth.source == "file":
+                raise ValueError("shocks.mode=nature perturbs the nature run, which a run file cannot follow; "
+                                 "use truth.source=model or shocks.mode=observed")
+
+    @property
+    def interval(self) -> float:
+        """Model time between analyses: ``obs.interval``, else ``obs.every`` forecast model steps."""
+        return self.obs.interval if self.obs.interval is not None else self.obs.every * self.model.dt
+
+
+def steps_per_interval(model: Any, interval: float, key: str) -> int:
+    """Whole model steps in ``interval``; a ValueError naming ``key`` when it is not a multiple of ``model.dt``."""
+    steps = round(interval / model.dt)
+    if steps < 1 or not math.isclose(steps * model.dt, interval, rel_tol=1e-9):
+        lead = f" (the ViT's trained lead time: {model.lead_hours:g} h)" if hasattr(model, "lead_hours") else ""
+        raise ValueError(f"{key}: the analysis interval {interval:g} is not a whole number of its time steps "
+                         f"dt={model.dt:g}{lead}; set obs.interval or obs.every accordingly")
+    return steps
+
+
+@dataclass(frozen=True)
+class RunFile:
+    """An SQG netCDF run (:mod:`megavit.data.sqg_netcdf`) as a nature run: one frame per analysis."""
+
+    path: str
+    times: np.ndarray  # [frames] seconds
+    model: SQG  # the parameters the run was made with
+
+    @classmethod
+    def open(cls, path: str) -> RunFile:
+        run = open_run(path)
+        return cls(path, run.times, model_from_attributes(run.attributes, Path(path)))
+
+    def frame_index(self, start_day: float, interval: float, cycle: int) -> int:
+        """Frame of the state after ``cycle`` analyses (0: the initial state) from ``start_day``."""
+        return int(np.searchsorted(self.times, start_day * DAY + cycle * interval - 0.25 * interval))
+
+    def check_cycles(self, start_day: float, interval: float, cycles: int) -> None:
+        """Raise unless every analysis time from ``start_day`` on is a frame of the file."""
+        for cycle in (0, cycles):
+            index = self.frame_index(start_day, interval, cycle)
+            wanted = start_day * DAY + cycle * interval
+            if index >= len(self.times) or abs(self.times[index] - wanted) > 0.01 * interval:
+                raise ValueError(f"truth.path {self.path}: no frame at day {wanted / DAY:g} "
+                                 f"(frames from day {self.times[0] / DAY:g} to {self.times[-1] / DAY:g}, "
+                                 f"needed: truth.start_day={start_day:g} + {cycles} cycles of {interval:g} s)")
+        spacing = float(np.median(np.diff(self.times))) if len(self.times) > 1 else interval
+        if not math.isclose(round(interval / spacing) * spacing, interval, rel_tol=1e-3):
+            raise ValueError(f"truth.path {self.path}: frames every {spacing:g} s do not divide the analysis "
+                             f"interval {interval:g} s")
+
+    def frame(self, index: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Frame ``index``, ``[2, N, N]`` in K."""
+        with netCDF4.Dataset(self.path) as ds:
+            values = read_pv(ds["pv"], index, index + 1, self.path)[0]
+        return torch.from_numpy(np.asarray(values, dtype=np.float64)).to(dtype=dtype, device=device)
 
 
 def make_generator(seed: int, stream: str, device: str | torch.device = "cpu") -> torch.Generator:
@@ -78,64 +209,144 @@ def ensemble_stats(ensemble: torch.Tensor, truth: torch.Tensor) -> tuple[float, 
     return rmse, spread
 
 
+def shock_schedule(config: ShockConfig, cycles: int, pv_to_state: float, generator: torch.Generator) -> np.ndarray:
+    """Per cycle, the standard deviation of its shock in state units (0: none), ``[cycles]``.
+
+    As the SC24 code: one uniform u per cycle; u > 1 - fraction is a shock, and the amplitude is the
+    k-th where u falls in the k-th of the consecutive bins of widths fraction x weights, counted down from 1.
+    """
+    if config.mode == "off":
+        return np.zeros(cycles)
+    u = torch.rand(cycles, generator=generator, dtype=torch.float64).numpy()
+    edges = 1.0 - config.fraction * np.cumsum(config.weights)  # lower edge of each amplitude's bin
+    index = (u[:, None] <= edges[None, :-1]).sum(1)
+    amplitudes = np.where(u > edges[-1], np.asarray(config.amplitudes_pv)[index] * pv_to_state, 0.0)
+    amplitudes[0] = 0.0  # the first analysis is never shocked
+    return amplitudes
+
+
+Nature = Callable[[torch.Tensor, int], torch.Tensor]
+"""Advances the nature run over one analysis interval: (state before, cycle) -> state at that cycle's analysis."""
+
+
+def start_nature(config: CycleConfig, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, Nature]:
+    """The nature run's initial state and how it advances, from its model or its run file."""
+    if config.truth.source == "file":
+        run, start_day = RunFile.open(config.truth.path), config.truth.start_day
+
+        def from_file(state: torch.Tensor, cycle: int) -> torch.Tensor:
+            return run.frame(run.frame_index(start_day, config.interval, cycle + 1), dtype, device)
+
+        return run.frame(run.frame_index(start_day, config.interval, 0), dtype, device), from_file
+    model = config.truth.model
+    truth = model.initial_state(make_generator(config.seed, "truth"), dtype=dtype, device=device)
+    return model.step(truth, config.spinup_steps), lambda state, cycle: model.step(state, config.nature_steps)
+
+
+STREAMS = ("obs-noise", "filter", "shocks")  # random streams drawn while cycling (saved in restart files)
+
+
 @dataclass
 class Twin:
     """The experiment between cycles: truth, assimilating and free ensembles, and their random streams.
 
     Each component draws from its own stream (:func:`make_generator`), so the steps may run in
-    any order without changing a number.
+    any order without changing a number. ``truth`` is the nature run; a cycle's observations and
+    scores see :meth:`shocked` truth, which differs from it only on shocked cycles.
     """
 
     truth: torch.Tensor  # [*grid]
     ensemble: torch.Tensor  # [N, *grid], corrected by the filter every cycle
     free: torch.Tensor | None  # [N, *grid], the same start without assimilation (free_run)
     obs: ObservationOperator
-    obs_noise: torch.Generator
-    filter_noise: torch.Generator
+    streams: dict[str, torch.Generator]  # STREAMS
+    nature: Nature
+    shocks: np.ndarray  # [cycles] shock standard deviation per cycle in state units (0: none)
 
     @classmethod
     def start(cls, config: CycleConfig) -> Twin:
         """Spin the truth up onto the attractor, fix the observed variables and draw the initial ensemble."""
-        device, dtype, model = torch.device(config.device), DTYPES[config.dtype], config.model
-        truth = model.initial_state(make_generator(config.seed, "truth"), dtype=dtype, device=device)
-        truth = model.step(truth, config.spinup_steps)
+        device, dtype = torch.device(config.device), DTYPES[config.dtype]
+        truth, nature = start_nature(config, dtype, device)
         obs = ObservationOperator.from_config(config.obs, tuple(truth.shape),
                                               make_generator(config.seed, "obs-layout"))
         init_noise = torch.randn((config.filter.ensemble_size, *truth.shape),
                                  generator=make_generator(config.seed, "init"), dtype=torch.float64)
         ensemble = truth + config.init_spread * init_noise.to(dtype=dtype, device=device)
+        shocks = shock_schedule(config.shocks, config.cycles, getattr(config.truth.model, "scale", 1.0),
+                                make_generator(config.seed, "shock-cycles"))
         return cls(truth, ensemble, ensemble.clone() if config.free_run else None, obs,
-                   make_generator(config.seed, "obs-noise", device), make_generator(config.seed, "filter", device))
+                   {name: make_generator(config.seed, name, device) for name in STREAMS}, nature, shocks)
 
-    def forecast(self, model: Any, steps: int) -> None:
-        """Advance the truth and both ensembles by ``steps`` model steps, to the next analysis time."""
-        self.truth = model.step(self.truth, steps)
+    def forecast(self, model: Any, steps: int, cycle: int) -> None:
+        """Advance the truth to ``cycle``'s analysis time and both ensembles by ``steps`` model steps."""
+        self.truth = self.nature(self.truth, cycle)
         self.ensemble = model.step(self.ensemble, steps)
         if self.free is not None:
             self.free = model.step(self.free, steps)
 
-    def observe(self, cycle: int) -> torch.Tensor:
-        """Noisy observations ``[m]`` of the truth."""
-        y = self.obs.sample(self.truth.reshape(-1), self.obs_noise)
+    def shocked(self, cycle: int, mode: str) -> torch.Tensor:
+        """The truth that ``cycle``'s observations sample and its scores compare with; in mode
+        ``nature`` a shock also moves the nature run itself."""
+        amplitude = float(self.shocks[cycle])
+        if amplitude == 0.0:
+            return self.truth
+        generator = self.streams["shocks"]
+        noise = torch.randn(self.truth.shape, generator=generator, dtype=torch.float64, device=generator.device)
+        shocked = self.truth + amplitude * noise.to(self.truth)
+        if mode == "nature":
+            self.truth = shocked
+        return shocked
+
+    def observe(self, truth: torch.Tensor, cycle: int) -> torch.Tensor:
+        """Noisy observations ``[m]`` of ``truth``."""
+        y = self.obs.sample(truth.reshape(-1), self.streams["obs-noise"])
         self.obs.check(y, where=f"observations at cycle {cycle}")
         return y
 
     def analyse(self, da_filter: Any, y: torch.Tensor, cycle: int) -> None:
         """Replace the forecast ensemble by the filter's analysis of ``y``."""
         members = self.ensemble.shape[0]
-        analysis = da_filter.analysis(self.ensemble.reshape(members, -1), y, self.obs, self.filter_noise)
+        analysis = da_filter.analysis(self.ensemble.reshape(members, -1), y, self.obs, self.streams["filter"])
         if not torch.isfinite(analysis).all():
             raise FloatingPointError(f"the analysis diverged (NaN/inf) at cycle {cycle}")
         self.ensemble = analysis.reshape(self.ensemble.shape)
 
-    def scores(self, stage: str) -> dict[str, float]:
-        """rmse_<stage> and spread_<stage> of the ensemble (stage f: forecast, a: analysis); with
-        the analysis, rmse_free of the free ensemble."""
-        scores = dict(zip((f"rmse_{stage}", f"spread_{stage}"), ensemble_stats(self.ensemble, self.truth),
-                          strict=True))
+    def scores(self, stage: str, truth: torch.Tensor) -> dict[str, float]:
+        """rmse_<stage> and spread_<stage> of the ensemble against ``truth`` (stage f: forecast, a:
+        analysis); with the analysis, rmse_free of the free ensemble."""
+        scores = dict(zip((f"rmse_{stage}", f"spread_{stage}"), ensemble_stats(self.ensemble, truth), strict=True))
         if stage == "a" and self.free is not None:
-            scores["rmse_free"] = ensemble_stats(self.free, self.truth)[0]
+            scores["rmse_free"] = ensemble_stats(self.free, truth)[0]
         return scores
+
+    def state(self) -> dict[str, Any]:
+        """What a restart file keeps of the twin (the rest follows from the config)."""
+        return dict(truth=self.truth.cpu(), ensemble=self.ensemble.cpu(),
+                    free=None if self.free is None else self.free.cpu(),
+                    streams={name: generator.get_state() for name, generator in self.streams.items()})
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Put back a :meth:`state` (onto this twin's device)."""
+        device = self.truth.device
+        self.truth, self.ensemble = state["truth"].to(device), state["ensemble"].to(device)
+        self.free = None if state["free"] is None else state["free"].to(device)
+        for name, generator in self.streams.items():
+            generator.set_state(state["streams"][name])
+
+
+@dataclass
+class Progress:
+    """What the cycles so far produced: score series, the analysis.nc records (kept for restart
+    files), the next cycle and the seconds spent."""
+
+    history: dict[str, list[float]]
+    records: list[dict[str, Any]]
+    cycle: int = 0
+    seconds: float = 0.0
+
+
+RESUME_FREE_KEYS = ("resume", "progress", "restart_every")  # may differ between a run and its resumption
 
 
 def run(config: CycleConfig) -> dict[str, Any]:
@@ -145,66 +356,104 @@ def run(config: CycleConfig) -> dict[str, Any]:
     ``run`` says why it keeps a loop of its own.
     """
     twin = Twin.start(config)
+    progress = Progress({name: [] for name in AnalysisWriter.SCALARS}, [])
+    if config.resume:
+        progress = resume(config, twin)
     if isinstance(config.filter, EnSF) and (note := config.filter.steep_step_note(twin.obs.sigma)):
         print(f"da-cycle: note: {note}", file=sys.stderr)
     with staged_output(config.output_dir) as staging:
         write_yaml(staging / "config.yaml", to_dict(config))
-        history, seconds = cycle_all(config, twin, staging / "analysis.nc")
-        summary = _summarize(config, history, seconds, twin.truth.numel(), twin.obs.size)
+        cycle_all(config, twin, progress, staging / "analysis.nc")
+        summary = _summarize(config, progress, twin.truth.numel(), twin.obs.size)
         write_json(staging / "summary.json", summary)
-        _plot(staging / "rmse.png", config, history, twin.truth.numel())
+        _plot(staging / "rmse.png", config, progress.history, twin.truth.numel())
     return summary
 
 
-def cycle_all(config: CycleConfig, twin: Twin, path: Path) -> tuple[dict[str, list[float]], float]:
-    """Every cycle (forecast, observe, analyse, score), recorded in the netCDF file at ``path``;
-    returns the scores' time series and the seconds taken."""
-    step_time = config.obs.every * config.model.dt
-    history: dict[str, list[float]] = {name: [] for name in AnalysisWriter.SCALARS}
+def restart_path(config: CycleConfig) -> Path:
+    return Path(config.output_dir) / "restart.pt"
+
+
+def resume(config: CycleConfig, twin: Twin) -> Progress:
+    """Load the restart file into ``twin`` and return the progress it recorded; the run's settings must match."""
+    saved = read_restart(restart_path(config))
+    now = {k: v for k, v in to_dict(config).items() if k not in RESUME_FREE_KEYS}
+    then = {k: v for k, v in saved["config"].items() if k not in RESUME_FREE_KEYS}
+    changed = [f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(now.keys() | then.keys())
+               if now.get(key) != then.get(key)]
+    if changed:
+        raise ValueError(f"{restart_path(config)} was written by a run with other settings; "
+                         f"resume with the same config ({'; '.join(changed)})")
+    twin.restore(saved["twin"])
+    return Progress(saved["history"], saved["records"], saved["cycle"], saved["seconds"])
+
+
+def cycle_all(config: CycleConfig, twin: Twin, progress: Progress, path: Path) -> None:
+    """Cycles ``progress.cycle`` to the end (forecast, shock, observe, analyse, score), recorded in the
+    netCDF file at ``path`` (earlier cycles replayed from ``progress``) and in ``progress``."""
+    grid = tuple(twin.truth.shape)
+    gridded = len(grid) > 1  # SQG frames: theta in K, times in seconds
     writer = AnalysisWriter(
         path, twin.truth.numel(), twin.obs.indices.numpy(), config.save_fields,
-        attributes={"model": type(config.model).__name__, "filter": type(config.filter).__name__,
-                    "ensemble_size": config.filter.ensemble_size, "seed": config.seed},
+        attributes={"model": type(config.model).__name__, "truth_model": type(config.truth.model).__name__,
+                    "filter": type(config.filter).__name__, "ensemble_size": config.filter.ensemble_size,
+                    "seed": config.seed, "shocks": config.shocks.mode},
+        field_shape=grid, units="K" if gridded else "1", time_units="seconds" if gridded else "model time units",
     )
+    keep_records = config.restart_every > 0 or config.resume
     try:
-        start = time.perf_counter()
-        for cycle in tqdm(range(config.cycles), desc="da-cycle", unit="cycle", disable=not config.progress,
-                          file=sys.stderr):
-            twin.forecast(config.model, config.obs.every)
-            scores = twin.scores("f")
-            y = twin.observe(cycle)
-            twin.analyse(config.filter, y, cycle)
-            scores.update(twin.scores("a"))
+        for record in progress.records:
+            writer.write(**record)
+        start = time.perf_counter() - progress.seconds
+        for cycle in tqdm(range(progress.cycle, config.cycles), desc="da-cycle", unit="cycle",
+                          disable=not config.progress, file=sys.stderr, initial=progress.cycle, total=config.cycles):
+            twin.forecast(config.model, config.forecast_steps, cycle)
+            truth = twin.shocked(cycle, config.shocks.mode)
+            scores = twin.scores("f", truth)
+            y = twin.observe(truth, cycle)
+            if config.assimilate_cycles is None or cycle < config.assimilate_cycles:
+                twin.analyse(config.filter, y, cycle)
+            scores.update(twin.scores("a", truth))
             for name, value in scores.items():
-                history[name].append(value)
-            writer.write(cycle, (cycle + 1) * step_time, scores, twin.truth.reshape(-1).cpu().numpy(),
-                         twin.ensemble.mean(0).reshape(-1).cpu().numpy(),
-                         twin.ensemble.std(0).reshape(-1).cpu().numpy(), y.cpu().numpy())
-        return history, time.perf_counter() - start
+                progress.history[name].append(value)
+            record = dict(cycle=cycle, time=(cycle + 1) * config.interval, scalars=scores,
+                          shock=float(twin.shocks[cycle]), fields=_fields(truth, twin.ensemble, y)
+                          if config.save_fields else None)
+            writer.write(**record)
+            if keep_records:
+                progress.records.append(record)
+            progress.cycle, progress.seconds = cycle + 1, time.perf_counter() - start
+            if config.restart_every and progress.cycle % config.restart_every == 0 and progress.cycle < config.cycles:
+                write_restart(restart_path(config), dict(config=to_dict(config), twin=twin.state(),
+                                                         **dataclasses.asdict(progress)))
     finally:
         writer.close()
 
 
+def _fields(truth: torch.Tensor, ensemble: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
+    """One cycle's fields for analysis.nc, flattened (the file's ``field_shape`` attribute has the grid)."""
+    return {"truth": truth.reshape(-1).cpu().numpy(), "analysis_mean": ensemble.mean(0).reshape(-1).cpu().numpy(),
+            "analysis_spread": ensemble.std(0).reshape(-1).cpu().numpy(), "observation": y.cpu().numpy()}
+
+
 def _plot(path: Path, config: CycleConfig, history: dict[str, list[float]], dim: int) -> None:
     """The scores' time series (rmse.png)."""
-    step_time = config.obs.every * config.model.dt
-    times = step_time * np.arange(1, config.cycles + 1)
+    times = config.interval * np.arange(1, config.cycles + 1)
     plot_error_series(path, times, {k: np.asarray(v) for k, v in history.items() if v},
                       title=f"{type(config.filter).__name__} on {type(config.model).__name__} "
                             f"(d={dim}, N={config.filter.ensemble_size})",
-                      burn_in_time=config.burn_in * step_time if config.burn_in else None)
+                      burn_in_time=config.burn_in * config.interval if config.burn_in else None)
 
 
-def _summarize(config: CycleConfig, history: dict[str, list[float]], seconds: float, dim: int,
-               obs_size: int) -> dict[str, Any]:
+def _summarize(config: CycleConfig, progress: Progress, dim: int, obs_size: int) -> dict[str, Any]:
     after = slice(config.burn_in, None)
     summary: dict[str, Any] = {
-        name: float(np.mean(values[after])) for name, values in history.items() if values
+        name: float(np.mean(values[after])) for name, values in progress.history.items() if values
     }
     summary.update(
         cycles=config.cycles,
         burn_in=config.burn_in,
-        seconds_per_cycle=seconds / config.cycles,
+        seconds_per_cycle=progress.seconds / config.cycles,
         state_dim=dim,
         observations_per_cycle=obs_size,
         ensemble_size=config.filter.ensemble_size,

@@ -1,8 +1,10 @@
-"""Outputs of a DA run: CF netCDF diagnostics, JSON/YAML.
+"""Outputs of a DA run: CF netCDF diagnostics, JSON/YAML, and restart files.
 
-The files are written into a staging directory (:func:`megavit.atomic.staged_output`) and
+The outputs are written into a staging directory (:func:`megavit.atomic.staged_output`) and
 moved into ``output_dir`` only when the run succeeds, so a failed or interrupted run never
-leaves partial files and never clobbers the outputs of an earlier run.
+leaves partial files and never clobbers the outputs of an earlier run. A restart file
+(``output_dir/restart.pt``) is the one thing a run writes while it goes: replaced atomically
+every ``restart_every`` cycles, so a killed run leaves the last complete one.
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
+
+from megavit.atomic import atomic_path
+
+RESTART_FORMAT = 1
+FIELD_SHAPE_ATTRIBUTE = "field_shape"  # global attribute: the grid of the flattened state dimension x
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -28,7 +36,9 @@ class AnalysisWriter:
     """Per-cycle CF-1.8 netCDF record of truth, analysis mean/spread, errors and observations.
 
     ``save_fields=False`` keeps only the scalar time series (for states too large to store
-    every cycle).
+    every cycle). Fields are stored flat over ``x``; the global attribute ``field_shape`` gives the
+    grid they unflatten to (``[d]`` for Lorenz-96, ``[levels, y, x]`` for SQG). ``shock`` is the
+    standard deviation of the noise added to the truth at each cycle (0: none).
     """
 
     SCALARS = {
@@ -40,7 +50,8 @@ class AnalysisWriter:
     }
 
     def __init__(self, path: Path, state_dim: int, obs_index: np.ndarray, save_fields: bool,
-                 attributes: dict[str, Any], time_units: str = "model time units"):
+                 attributes: dict[str, Any], field_shape: tuple[int, ...] | None = None, units: str = "1",
+                 time_units: str = "model time units"):
         self.save_fields = save_fields
         import netCDF4  # only writers of analysis files need it (the scale runs on GPU nodes do not)
 
@@ -52,6 +63,7 @@ class AnalysisWriter:
         ds.history = f"{datetime.now(UTC).isoformat(timespec='seconds')} created by da-cycle"
         for key, value in attributes.items():
             ds.setncattr(key, value)
+        ds.setncattr(FIELD_SHAPE_ATTRIBUTE, np.asarray(field_shape or (state_dim,), dtype="i4"))
         ds.createDimension("time", None)
         ds.createDimension("x", state_dim)
         ds.createDimension("obs", len(obs_index))
@@ -68,7 +80,10 @@ class AnalysisWriter:
         for name, long_name in self.SCALARS.items():
             var = ds.createVariable(name, "f8", ("time",))
             var.long_name = long_name
-            var.units = "1"
+            var.units = units
+        shock = ds.createVariable("shock", "f8", ("time",))
+        shock.long_name = "standard deviation of the noise added to the truth (0: no shock)"
+        shock.units = units
         fields = {
             "truth": "true state",
             "analysis_mean": "analysis ensemble mean",
@@ -78,22 +93,41 @@ class AnalysisWriter:
             for name, long_name in fields.items():
                 var = ds.createVariable(name, "f4", ("time", "x"), zlib=True)
                 var.long_name = long_name
-                var.units = "1"
+                var.units = units
             var = ds.createVariable("observation", "f4", ("time", "obs"), zlib=True)
             var.long_name = "observed value"
-            var.units = "1"
+            var.units = units
 
-    def write(self, cycle: int, time: float, scalars: dict[str, float], truth: np.ndarray,
-              mean: np.ndarray, spread: np.ndarray, observation: np.ndarray) -> None:
+    def write(self, cycle: int, time: float, scalars: dict[str, float], shock: float = 0.0,
+              fields: dict[str, np.ndarray] | None = None) -> None:
+        """One cycle's record; ``fields`` (truth, analysis_mean, analysis_spread, observation) with save_fields."""
         ds = self.dataset
         ds["time"][cycle] = time
+        ds["shock"][cycle] = shock
         for name in self.SCALARS:
             ds[name][cycle] = scalars.get(name, np.nan)
         if self.save_fields:
-            ds["truth"][cycle] = truth
-            ds["analysis_mean"][cycle] = mean
-            ds["analysis_spread"][cycle] = spread
-            ds["observation"][cycle] = observation
+            for name, values in fields.items():
+                ds[name][cycle] = values
 
     def close(self) -> None:
         self.dataset.close()
+
+
+def write_restart(path: Path, state: dict[str, Any]) -> None:
+    """Replace the restart file at ``path`` by ``state`` (tensors, arrays, plain containers), atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": RESTART_FORMAT, **state}, tmp)
+
+
+def read_restart(path: Path) -> dict[str, Any]:
+    """The state a :func:`write_restart` stored at ``path``; a ValueError when it is missing or not one."""
+    if not path.is_file():
+        raise ValueError(f"resume=true but there is no restart file {path} (restart_every > 0 writes one)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch.load raises many types for a damaged file
+        raise ValueError(f"{path} cannot be read as a restart file: {err}") from None
+    if not isinstance(state, dict) or state.get("format") != RESTART_FORMAT:
+        raise ValueError(f"{path} is not a da-cycle restart file of format {RESTART_FORMAT}")
+    return state

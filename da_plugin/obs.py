@@ -26,8 +26,9 @@ class ObsConfig:
 
     operator: Operator = "identity"
     sigma: float = 1.0  # observation error standard deviation
-    every: int = 1  # model steps between analyses
-    stride: int = 1  # observe every stride-th variable (offset 0)
+    every: int = 1  # forecast model steps between analyses
+    interval: float | None = None  # model time between analyses (SQG, ViT: seconds); set: replaces every
+    stride: int = 1  # every stride-th variable (offset 0); on a (levels, y, x) grid: every stride-th y and x
     random_fraction: float | None = None  # observe a fixed random subset of this fraction instead
 
     def __post_init__(self) -> None:
@@ -35,6 +36,11 @@ class ObsConfig:
             raise ValueError(f"obs.sigma must be a finite number > 0, got {self.sigma}")
         if self.every < 1:
             raise ValueError(f"obs.every must be >= 1 model step, got {self.every}")
+        if self.interval is not None:
+            if not (self.interval > 0 and math.isfinite(self.interval)):
+                raise ValueError(f"obs.interval must be a finite time > 0, got {self.interval}")
+            if self.every != 1:
+                raise ValueError("obs.interval and obs.every are alternatives: set one")
         if self.stride < 1:
             raise ValueError(f"obs.stride must be >= 1, got {self.stride}")
         if self.random_fraction is not None:
@@ -82,6 +88,10 @@ class ObservationOperator:
         if config.random_fraction is not None:
             count = max(1, round(config.random_fraction * dim))
             indices = torch.randperm(dim, generator=generator)[:count].sort().values
+        elif len(grid_shape) == 3:  # (levels, y, x): a horizontal subgrid on every level
+            mask = torch.zeros(grid_shape, dtype=torch.bool)
+            mask[:, ::config.stride, ::config.stride] = True
+            indices = mask.reshape(-1).nonzero().squeeze(1)
         else:
             indices = torch.arange(0, dim, config.stride)
         return cls(config.operator, config.sigma, indices, dim, grid_shape)
