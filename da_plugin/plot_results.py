@@ -9,8 +9,8 @@
 * ``summary.md``: the markdown table of time-mean scores, also printed to stdout.
 
 A grid is recognised from the fields' dimensions, ``(time, level, y, x)`` or ``(time, y, x)``, or,
-for fields stored flattened as ``(time, x)``, from the global attribute ``field_shape`` (the
-state's shape, e.g. ``[2, 64, 64]``). A flat state without it (Lorenz-96) gets no maps.
+for fields stored flattened as ``(time, x)`` (as da-cycle does), from the global attribute
+``field_shape`` (the state's shape: ``[2, 64, 64]`` for SQG, ``[40]`` for Lorenz-96, which gets no maps).
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from typing import Any
 import netCDF4
 import numpy as np
 
+from da_plugin.io import FIELD_SHAPE_ATTRIBUTE
 from da_plugin.plotting import RunSeries, plot_fields, plot_run_comparison, plot_spectra
 from megavit.atomic import write_text_atomic
 
 PROG = "plot-results"
-FIELD_SHAPE_ATTRIBUTE = "field_shape"
 DAYS_PER_UNIT = {"s": 1 / 86400, "second": 1 / 86400, "seconds": 1 / 86400,
                  "h": 1 / 24, "hour": 1 / 24, "hours": 1 / 24, "d": 1.0, "day": 1.0, "days": 1.0}
 TABLE_SCORES = ("rmse_a", "spread_a", "rmse_free")
@@ -184,7 +184,8 @@ def figure_name(kind: str, label: str) -> str:
 def write_figures(runs: Sequence[Run], out: Path, cycle: int) -> list[Path]:
     """All figures into ``out``; returns their paths. Runs without a grid get a note on stderr."""
     if len({(run.time_label, run.error_label) for run in runs}) > 1:
-        raise RunError("the runs have different time or error units; compare runs of one model")
+        axes = "; ".join(f"{run.label}: {run.time_label}, {run.error_label}" for run in runs)
+        raise RunError(f"the runs' axes differ ({axes}); compare runs of one model")
     for run in runs:
         if run.grid is not None and not -len(run.time) <= cycle < len(run.time):
             raise RunError(f"--cycle {cycle} is outside {run.path}'s cycles 0..{len(run.time) - 1}")

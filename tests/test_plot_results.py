@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from da_plugin.cycle import CycleConfig, run
-from da_plugin.plot_results import FIELD_SHAPE_ATTRIBUTE, load_run, main, read_fields
+from da_plugin.io import FIELD_SHAPE_ATTRIBUTE
+from da_plugin.plot_results import load_run, main, read_fields
 from da_plugin.plotting import isotropic_spectrum
 from megavit.config import load_config
 
