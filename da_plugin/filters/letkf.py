@@ -58,11 +58,12 @@ def ensemble_transform(obs_pert: torch.Tensor, innovation: torch.Tensor,
 
 
 def apply_transform(forecast: torch.Tensor, mean_weights: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
-    """x^a_j = mean + X' (w + W[:, j]) for ``forecast`` ``[N, B]`` and per-column weights."""
+    """x^a_j = mean + X' (w + W[:, j]) for ``forecast`` ``[N, ..., B]`` and per-column weights
+    (``[B, N]``, ``[B, N, N]``; the middle dims, such as levels, share a column's weights)."""
     mean = forecast.mean(0)
-    pert = forecast - mean  # [N, B]
+    pert = forecast - mean  # [N, ..., B]
     weights = transform + mean_weights.unsqueeze(-1)  # [B, N, N]
-    return mean + torch.einsum("kb,bkj->jb", pert, weights)
+    return mean + torch.einsum("k...b,bkj->j...b", pert, weights)
 
 
 @dataclass
@@ -109,20 +110,31 @@ class LETKF(EnsembleKalmanMixin):
         hx = obs(prior)
         obs_pert = (hx - hx.mean(0)).T  # [m, N]
         innovation = y.to(hx) - hx.mean(0)
-        neighbours, taper = self.local_observations(obs, forecast.device, forecast.dtype)
+        neighbours, taper = self.location_observations(obs, forecast.device, forecast.dtype)
         rinv = taper / obs.sigma**2
-        out = torch.empty_like(prior)
-        for start in range(0, obs.dim, self.batch_size):
-            points = slice(start, start + self.batch_size)
-            local = neighbours[points]  # [B, L]
-            mean_weights, transform = ensemble_transform(obs_pert[local], innovation[local], rinv[points])
-            out[:, points] = apply_transform(prior[:, points], mean_weights, transform)
-        return self.relax(forecast, out)
+        locations = neighbours.shape[0]
+        # the levels at one horizontal location share its observations, hence its weights
+        columns = prior.reshape(prior.shape[0], -1, locations)  # [N, levels, locations]
+        out = torch.empty_like(columns)
+        for start in range(0, locations, self.batch_size):
+            here = slice(start, start + self.batch_size)
+            local = neighbours[here]  # [B, L]
+            mean_weights, transform = ensemble_transform(obs_pert[local], innovation[local], rinv[here])
+            out[..., here] = apply_transform(columns[..., here], mean_weights, transform)
+        return self.relax(forecast, out.reshape(prior.shape))
 
     def local_observations(self, obs: ObservationOperator, device: torch.device,
                            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Per grid point, the indices of observations within the cutoff (``[d, L]``) and their
-        Gaspari-Cohn taper (``[d, L]``, zero on padding). Cached per observation network."""
+        Gaspari-Cohn taper (``[d, L]``, zero on padding)."""
+        neighbours, taper = self.location_observations(obs, device, dtype)
+        point_location = torch.arange(obs.dim, device=device) % neighbours.shape[0]
+        return neighbours[point_location], taper[point_location]
+
+    def location_observations(self, obs: ObservationOperator, device: torch.device,
+                              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`local_observations` per horizontal location (``[locations, L]``; every level at a
+        location shares them). Cached per observation network."""
         key = (id(obs), obs.indices.data_ptr(), str(device), dtype)
         if key not in self._neighbours:
             self._neighbours.clear()
@@ -131,12 +143,12 @@ class LETKF(EnsembleKalmanMixin):
 
     def _find_neighbours(self, obs: ObservationOperator, device: torch.device,
                          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.localization_radius is None:
-            everything = torch.arange(obs.size, device=device).expand(obs.dim, -1)
-            return everything, torch.ones(everything.shape, dtype=dtype, device=device)
-        half_width = GC_HALF_WIDTH_PER_RADIUS * self.localization_radius
         horizontal = obs.grid_shape if len(obs.grid_shape) == 1 else obs.grid_shape[-2:]
         locations = math.prod(horizontal)
+        if self.localization_radius is None:
+            everything = torch.arange(obs.size, device=device).expand(locations, -1)
+            return everything, torch.ones(everything.shape, dtype=dtype, device=device)
+        half_width = GC_HALF_WIDTH_PER_RADIUS * self.localization_radius
         # obs_at[location, k]: the k-th observation at a horizontal location (-1: none)
         site = obs.indices % locations
         order = torch.argsort(site, stable=True)
@@ -167,9 +179,7 @@ class LETKF(EnsembleKalmanMixin):
             taper, pick = taper.topk(count, dim=1)
             neighbours.append(candidates.gather(1, pick).clamp_min(0))
             tapers.append(taper)
-        point_location = torch.arange(obs.dim) % locations
-        neighbours = torch.cat(neighbours)[point_location]
-        return neighbours.to(device), torch.cat(tapers)[point_location].to(device=device, dtype=dtype)
+        return torch.cat(neighbours).to(device), torch.cat(tapers).to(device=device, dtype=dtype)
 
 
 def stencil(horizontal: tuple[int, ...], cutoff: float) -> torch.Tensor:
