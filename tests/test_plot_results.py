@@ -32,6 +32,17 @@ def l96_runs(tmp_path_factory) -> list[Path]:
     return runs
 
 
+@pytest.fixture(scope="module")
+def sqg_run(tmp_path_factory) -> Path:
+    """A real da-cycle run on a 16 x 16 SQG grid: fields stored flat with the field_shape attribute."""
+    out = tmp_path_factory.mktemp("sqg") / "letkf"
+    overrides = ["cycles=2", "burn_in=0", "spinup_steps=10", "model.name=sqg", "model.N=16", "obs.operator=identity",
+                 "obs.interval=7200", "filter.name=letkf", "filter.ensemble_size=4", "progress=false",
+                 f"output_dir={out}"]
+    run(load_config(CycleConfig, None, overrides))
+    return out
+
+
 def mode(amplitude: float, kx: int, ky: int, n: int = GRID[-1]) -> np.ndarray:
     """amplitude * cos(2 pi (kx x + ky y) / n) on an n x n grid, [y, x]."""
     y, x = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
@@ -138,6 +149,19 @@ def test_grid_run_maps_and_spectra(tmp_path, capsys, flat):
     for name in ("rmse_spread.png", "maps_sqg.png", "spectra_sqg.png"):
         assert_png(out / name)
     assert "no maps" not in capsys.readouterr().err
+
+
+def test_da_cycle_sqg_run_gets_maps_in_kelvin_and_days(sqg_run, tmp_path, capsys):
+    run_ = load_run(sqg_run, "sqg")
+    assert run_.grid == (2, 16, 16) and run_.units == "K" and run_.time_units == "days"
+    np.testing.assert_allclose(run_.time, [1 / 12, 2 / 12])  # two 2-hour cycles
+    with netCDF4.Dataset(sqg_run / "analysis.nc") as ds:
+        np.testing.assert_array_equal(read_fields(run_, -1)[0], ds["truth"][1].reshape(2, 16, 16))
+    assert main([str(sqg_run), "--out", str(tmp_path)]) == 0
+    assert float(table_rows(capsys.readouterr().out)["letkf"]["rmse_a"]) == pytest.approx(
+        json.loads((sqg_run / "summary.json").read_text())["rmse_a"], rel=1e-3)
+    for name in ("rmse_spread.png", "maps_letkf.png", "spectra_letkf.png"):
+        assert_png(tmp_path / name)
 
 
 def write_garbage(path: Path) -> None:
