@@ -176,9 +176,9 @@ def _number(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.4g}"
 
 
-def figure_name(kind: str, label: str) -> str:
-    """File name of a per-run figure: the label with anything but letters, digits, '.', '-', '_' replaced."""
-    return f"{kind}_{re.sub(r'[^A-Za-z0-9._-]+', '_', label)}.png"
+def file_label(label: str) -> str:
+    """A run label as part of a file name: anything but letters, digits, '.', '-' and '_' becomes '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label)
 
 
 def write_figures(runs: Sequence[Run], out: Path, cycle: int) -> list[Path]:
@@ -200,7 +200,7 @@ def write_figures(runs: Sequence[Run], out: Path, cycle: int) -> list[Path]:
         truth, analysis = read_fields(run, cycle)
         when = f"{run.label}, cycle {cycle % len(run.time)} (time {run.time[cycle]:.4g} {run.time_units})"
         for kind, plot in (("maps", plot_fields), ("spectra", plot_spectra)):
-            path = out / figure_name(kind, run.label)
+            path = out / f"{kind}_{file_label(run.label)}.png"
             plot(path, truth, analysis, when, run.units)
             written.append(path)
     return written
@@ -209,10 +209,11 @@ def write_figures(runs: Sequence[Run], out: Path, cycle: int) -> list[Path]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Compare da-cycle runs: RMSE and spread over time on one figure, truth / analysis / "
-        "error maps and variance spectra for runs on a 2-D grid (SQG), and a markdown table of "
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compare da-cycle runs: RMSE and spread over time on one figure, truth / analysis /\n"
+        "error maps and variance spectra for runs on a 2-D grid (SQG), and a markdown table of\n"
         "time-mean scores (printed, and written to FIGDIR/summary.md).",
-        epilog="example: plot-results runs/sqg_ensf runs/sqg_letkf --labels EnSF,LETKF --out figures",
+        epilog="example:\n  plot-results runs/sqg_ensf runs/sqg_letkf --labels EnSF,LETKF --out figures",
     )
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="a da-cycle output_dir")
     parser.add_argument("--out", required=True, type=Path, metavar="FIGDIR", help="where figures and summary.md go")
@@ -226,8 +227,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.labels = args.labels.split(",") if args.labels else [path.resolve().name for path in args.runs]
     if len(args.labels) != len(args.runs):
         parser.error(f"--labels has {len(args.labels)} names for {len(args.runs)} run folders")
-    if len(set(args.labels)) != len(args.labels):
-        parser.error(f"run labels must differ, got {','.join(args.labels)}; name the runs with --labels")
+    if len({file_label(label) for label in args.labels}) != len(args.labels):
+        parser.error(f"run labels must differ in letters, digits, '.', '-' or '_' (they name files), "
+                     f"got {','.join(args.labels)}; name the runs with --labels")
     if args.burn_in is not None and args.burn_in < 0:
         parser.error(f"--burn-in must be >= 0, got {args.burn_in}")
     return args

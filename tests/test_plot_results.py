@@ -187,6 +187,7 @@ def bad_field_shape(path: Path) -> None:
         (None, ["--burn-in", "3"], 1, "--burn-in 3 leaves nothing of {run}'s 3 cycles"),
         (None, ["--labels", "a,b"], 2, "plot-results: error: --labels has 2 names for 1 run folders"),
         (None, ["--burn-in", "-1"], 2, "--burn-in must be >= 0"),
+        (None, ["{run}"], 2, "run labels must differ"),  # the same folder name twice
     ],
 )
 def test_errors(tmp_path, capsys, damage, args, code, message):
@@ -196,7 +197,7 @@ def test_errors(tmp_path, capsys, damage, args, code, message):
         damage(run_dir)
     out = tmp_path / "figs"
     try:
-        result = main([str(run_dir), "--out", str(out), *args])
+        result = main([*(arg.format(run=run_dir) for arg in args), str(run_dir), "--out", str(out)])
     except SystemExit as exit_:  # argparse's usage errors
         result = exit_.code
     assert result == code
@@ -208,4 +209,4 @@ def test_help_has_an_example(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0
-    assert "example: plot-results" in capsys.readouterr().out
+    assert "example:\n  plot-results " in capsys.readouterr().out
