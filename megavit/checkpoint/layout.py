@@ -2,7 +2,9 @@
 
     checkpoints/
       step0000100/            DeepSpeed's files (model states per TP/PP rank, optimizer shards)
-        layout.json           tp, pp, dp, sequence_parallel, engine, step, model config
+        layout.json           tp, pp, dp, sequence_parallel, engine, stages, step, model config,
+                              training data (lead time, normalization); after a conversion
+                              also optimizer_state and converted_from
       latest                  the newest complete tag, replaced atomically after layout.json
 
 A tag becomes ``latest`` only after every rank has written its shards and rank 0 has written

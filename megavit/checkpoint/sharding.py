@@ -27,6 +27,12 @@ def partition_dims(config: ViTConfig) -> dict[str, int | None]:
             for name, param in model.named_parameters()}
 
 
+def parameter_shapes(config: ViTConfig) -> dict[str, torch.Size]:
+    """Parameter name -> full (unsharded) shape, in the model's parameter order."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return {name: param.shape for name, param in ViT(config).named_parameters()}
+
+
 def layer_of(name: str) -> int:
     """The layer index of a parameter name ``layers.<i>.*``."""
     return int(name.split(".", 2)[1])

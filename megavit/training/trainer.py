@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -221,22 +222,36 @@ class Trainer:
         self.last_checkpoint = tag
 
     def resume(self, tag: str) -> None:
-        """Load ``tag`` (or the one ``latest`` names) and continue from its step."""
+        """Load ``tag`` (or the one ``latest`` names) and continue from its step.
+
+        A checkpoint converted without its optimizer state (``optimizer_state: false`` in
+        layout.json) gives the weights only: the optimizer and LR schedule start afresh at step 0.
+        """
         tag = resolve_tag(self.checkpoints, tag)
         saved, current = read_layout(self.checkpoints, tag), json.loads(json.dumps(self.layout()))  # tuples as saved
-        for key in ("tp", "pp", "dp", "sequence_parallel", "engine", "model"):
-            if saved[key] != current[key]:
+        for key in ("tp", "pp", "dp", "sequence_parallel", "engine", "model", "stages"):
+            if key in saved and saved[key] != current.get(key):
                 raise ValueError(f"checkpoint {self.checkpoints / tag} was saved with {key}={saved[key]}, "
-                                 f"this run has {key}={current[key]}; resume with the same layout")
-        _, client_state = self.engine.load_checkpoint(str(self.checkpoints), tag=tag)
-        self.step = client_state["step"]
+                                 f"this run has {key}={current.get(key)}; resume with the same layout "
+                                 f"(or convert it: convert-checkpoint --format deepspeed)")
+        weights_only = not saved.get("optimizer_state", True)
+        _, client_state = self.engine.load_checkpoint(str(self.checkpoints), tag=tag, load_module_only=weights_only,
+                                                      load_optimizer_states=not weights_only,
+                                                      load_lr_scheduler_states=not weights_only)
+        self.step = 0 if weights_only else client_state["step"]
         self.last_checkpoint = tag
+        if self.rank == 0 and weights_only:
+            print(f"megavit-train: {self.checkpoints / tag} holds weights only: starting the optimizer and the "
+                  f"LR schedule afresh at step 0", file=sys.stderr)
 
     def layout(self) -> dict:
-        """What a checkpoint's shards mean: parallel sizes, engine, model shape and training data."""
-        return dict(tp=self.dims.tp, pp=self.dims.pp, dp=self.dims.dp, sequence_parallel=self.dims.sp_enabled,
-                    engine="pipeline" if self.config.uses_pipeline else "plain", step=self.step,
-                    model=to_dict(self.config.model), data=self._data_description())
+        """What a checkpoint's shards mean: parallel sizes, engine, stages, model shape and training data."""
+        layout = dict(tp=self.dims.tp, pp=self.dims.pp, dp=self.dims.dp, sequence_parallel=self.dims.sp_enabled,
+                      engine="pipeline" if self.config.uses_pipeline else "plain", step=self.step,
+                      model=to_dict(self.config.model), data=self._data_description())
+        if self.config.uses_pipeline:  # the first layer of each stage, then the layer count
+            layout["stages"] = [int(bound) for bound in self.engine.module.parts]
+        return layout
 
     def _data_description(self) -> dict:
         """What a forecast needs to know of the training data: normalization and lead time."""
