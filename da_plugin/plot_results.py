@@ -5,7 +5,8 @@
 
 * ``rmse_spread.png``: every run's analysis RMSE and spread (and free-run RMSE) over time;
 * ``maps_<label>.png`` and ``spectra_<label>.png`` for runs whose fields lie on a 2-D grid (SQG):
-  truth, analysis mean and error maps of each level, and their variance spectra, at one cycle;
+  truth, analysis mean and error maps of each level, and their spectra, at one cycle: kinetic
+  energy when ``config.yaml`` names the SQG nature run's parameters, else variance of the field;
 * ``summary.md``: the markdown table of time-mean scores, also printed to stdout.
 
 A grid is recognised from the fields' dimensions, ``(time, level, y, x)`` or ``(time, y, x)``, or,
@@ -27,15 +28,21 @@ from typing import Any
 
 import netCDF4
 import numpy as np
+import torch
+import yaml
 
 from da_plugin.io import FIELD_SHAPE_ATTRIBUTE
-from da_plugin.plotting import RunSeries, plot_fields, plot_run_comparison, plot_spectra
+from da_plugin.models.sqg import SQG
+from da_plugin.models.sqg_truth import kinetic_energy_spectrum
+from da_plugin.plotting import RunSeries, isotropic_spectrum, plot_fields, plot_run_comparison, plot_spectra
 from megavit.atomic import write_text_atomic
+from megavit.config import ConfigError, build
 
 PROG = "plot-results"
 DAYS_PER_UNIT = {"s": 1 / 86400, "second": 1 / 86400, "seconds": 1 / 86400,
                  "h": 1 / 24, "hour": 1 / 24, "hours": 1 / 24, "d": 1.0, "day": 1.0, "days": 1.0}
 TABLE_SCORES = ("rmse_a", "spread_a", "rmse_free")
+SPECTRUM_NAMES = ("truth", "analysis mean", "analysis - truth")
 
 
 class RunError(ValueError):
@@ -55,6 +62,7 @@ class Run:
     units: str  # of the fields and scores ("K" for SQG), "" when dimensionless
     grid: tuple[int, int, int] | None  # (levels, ny, nx) of the stored fields; None: no maps
     no_grid_reason: str  # why grid is None
+    sqg: SQG | None  # the nature run's SQG parameters (config.yaml), for kinetic-energy spectra
 
     @property
     def analysis_file(self) -> Path:
@@ -97,7 +105,25 @@ def load_run(path: Path, label: str) -> Run:
         scores = {name: _read(dataset[name]) for name in TABLE_SCORES if name in dataset.variables}
         units = getattr(dataset["rmse_a"], "units", "")
         grid, no_grid_reason = _field_grid(dataset, analysis_file)
-    return Run(label, path, summary, time, time_units, scores, "" if units == "1" else units, grid, no_grid_reason)
+    sqg = _sqg_parameters(path / "config.yaml")
+    if sqg is not None and grid is not None and grid != sqg.state_shape:
+        raise RunError(f"{path}: config.yaml's SQG grid {sqg.state_shape} differs from the stored fields' {grid}")
+    return Run(label, path, summary, time, time_units, scores, "" if units == "1" else units, grid, no_grid_reason,
+               sqg)
+
+
+def _sqg_parameters(config_file: Path) -> SQG | None:
+    """The nature run's model from a run's config.yaml (``truth.model``, else ``model``) when it is SQG."""
+    if not config_file.is_file():
+        return None
+    try:
+        config = yaml.safe_load(config_file.read_text())
+        section = (config.get("truth") or {}).get("model") or config.get("model") or {}
+        if section.get("name") != "sqg":
+            return None
+        return build(SQG, {key: value for key, value in section.items() if key != "name"}, "model")
+    except (OSError, yaml.YAMLError, AttributeError, ConfigError) as err:
+        raise RunError(f"{config_file} does not hold a readable da-cycle config: {err}") from None
 
 
 def _read(variable: netCDF4.Variable, index: int | slice = slice(None)) -> np.ndarray:
@@ -146,6 +172,22 @@ def read_fields(run: Run, cycle: int) -> tuple[np.ndarray, np.ndarray]:
         index = cycle % len(run.time)
         truth, mean = (_read(dataset[name], index).reshape(run.grid) for name in ("truth", "analysis_mean"))
     return truth, mean
+
+
+def field_spectra(truth: np.ndarray, analysis: np.ndarray, sqg: SQG | None,
+                  units: str) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
+    """Spectra ``[levels, K]`` of truth, analysis mean and their difference (fields ``[levels, ny, nx]``)
+    for wavenumbers 1 to Nyquist ``[K]``, and their axis label: kinetic energy (the SQG inversion of
+    theta) when the SQG parameters are known, else the fields' variance."""
+    fields = np.stack([truth, analysis, analysis - truth])
+    if sqg is not None:
+        k, spectra = kinetic_energy_spectrum(torch.from_numpy(fields), sqg)
+        label = "kinetic energy (m² s⁻² per shell)"
+    else:
+        k, spectra = isotropic_spectrum(fields)
+        label = f"variance ({units}² per shell)" if units else "variance per shell"
+    shown = slice(1, min(truth.shape[-2:]) // 2 + 1)
+    return k[shown], dict(zip(SPECTRUM_NAMES, spectra[..., shown], strict=True)), label
 
 
 def time_means(run: Run, burn_in: int | None) -> dict[str, float]:
@@ -199,10 +241,11 @@ def write_figures(runs: Sequence[Run], out: Path, cycle: int) -> list[Path]:
             continue
         truth, analysis = read_fields(run, cycle)
         when = f"{run.label}, cycle {cycle % len(run.time)} (time {run.time[cycle]:.4g} {run.time_units})"
-        for kind, plot in (("maps", plot_fields), ("spectra", plot_spectra)):
-            path = out / f"{kind}_{file_label(run.label)}.png"
-            plot(path, truth, analysis, when, run.units)
-            written.append(path)
+        maps, spectra = (out / f"{kind}_{file_label(run.label)}.png" for kind in ("maps", "spectra"))
+        plot_fields(maps, truth, analysis, when, run.units)
+        k, by_name, label = field_spectra(truth, analysis, run.sqg, run.units)
+        plot_spectra(spectra, k, by_name, when, label)
+        written += [maps, spectra]
     return written
 
 

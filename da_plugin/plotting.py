@@ -8,7 +8,7 @@ draws fields on a grid (:func:`plot_fields`, :func:`plot_spectra`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +110,7 @@ def isotropic_spectrum(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Returns ``(k [K], E [..., K])``: E(k) sums |f_hat|^2 over the Fourier modes whose |k| (in
     cycles per domain, rounded) is k, with f_hat = fft2(f) / (ny nx). So sum_k E(k) = mean(f^2)
     (Parseval), and A cos(k.x) puts A^2 / 2 at |k|. For theta on an SQG lid this is the theta
-    variance spectrum; over deep layers the surface kinetic energy spectrum has the same shape.
+    variance spectrum.
     """
     ny, nx = field.shape[-2:]
     power = np.abs(np.fft.fft2(field, norm="forward")) ** 2
@@ -123,20 +123,17 @@ def isotropic_spectrum(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(size), spectrum.reshape(*power.shape[:-2], size)
 
 
-def plot_spectra(path: Path, truth: np.ndarray, analysis: np.ndarray, title: str, units: str) -> None:
-    """Variance spectra of truth, analysis mean and their difference, one panel per level
-    (fields ``[levels, ny, nx]``), from wavenumber 1 to the Nyquist wavenumber."""
-    levels = truth.shape[0]
-    k, spectra = isotropic_spectrum(np.stack([truth, analysis, analysis - truth]))  # [3, levels, K]
-    shown = slice(1, min(truth.shape[-2:]) // 2 + 1)
+def plot_spectra(path: Path, k: np.ndarray, spectra: Mapping[str, np.ndarray], title: str, ylabel: str) -> None:
+    """Log-log spectra ``{name: [levels, K]}`` over wavenumbers ``k`` ``[K]``, one panel per level;
+    the first is drawn solid black (the truth), the others dashed and dotted."""
+    levels = next(iter(spectra.values())).shape[0]
     fig, axes = plt.subplots(1, levels, figsize=(5 * levels, 4), constrained_layout=True, squeeze=False)
     for level, ax in enumerate(axes[0]):
-        for name, spectrum, style in zip(("truth", "analysis mean", "analysis - truth"), spectra[:, level],
-                                         ("k-", "C0--", "C3:"), strict=True):
-            ax.loglog(k[shown], spectrum[shown], style, label=name)
+        for (name, spectrum), style in zip(spectra.items(), ("k-", "C0--", "C3:"), strict=False):
+            ax.loglog(k, spectrum[level], style, label=name)
         ax.set_title(f"level {level}")
         ax.set_xlabel("wavenumber (cycles per domain)")
-        ax.set_ylabel(f"variance spectrum ({units}²)" if units else "variance spectrum")
+        ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle(title)

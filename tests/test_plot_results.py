@@ -10,7 +10,8 @@ import pytest
 
 from da_plugin.cycle import CycleConfig, run
 from da_plugin.io import FIELD_SHAPE_ATTRIBUTE
-from da_plugin.plot_results import load_run, main, read_fields
+from da_plugin.models.sqg import SQG
+from da_plugin.plot_results import field_spectra, load_run, main, read_fields
 from da_plugin.plotting import isotropic_spectrum
 from megavit.config import load_config
 
@@ -129,6 +130,22 @@ def test_spectrum_of_a_single_mode(kx, ky, amplitude):
     assert k[np.argmax(spectrum[1:]) + 1] == round(np.hypot(kx, ky))
 
 
+def test_kinetic_energy_spectrum_of_a_lower_lid_mode():
+    """theta = A cos(K.x) on the lower lid only: psi(z) = -A cosh(mu (H - z)/H) H / (s mu sinh mu) (from
+    d(psi)/dz = theta / s on the lids, mu = |K| N H / f), and a mode's mean KE is |K|^2 |psi|^2 / 4."""
+    model, amplitude = SQG(N=GRID[-1]), 2.0
+    truth = np.stack([mode(amplitude, 3, 4), np.zeros(GRID[1:])])
+    k, spectra, label = field_spectra(truth, truth, model, "K")
+    wave = 2 * np.pi * 5 / model.L
+    mu = wave * np.sqrt(model.nsq) * model.H / model.f
+    psi = amplitude * model.H / (model.f * model.theta0 / model.g * mu * np.sinh(mu)) * np.array([np.cosh(mu), 1.0])
+    expected = np.zeros((2, len(k)))
+    expected[:, k == 5] = (wave**2 * psi**2 / 4)[:, None]
+    np.testing.assert_allclose(spectra["truth"], expected, rtol=1e-10, atol=1e-12)
+    assert not spectra["analysis - truth"].any() and label.startswith("kinetic energy")
+    assert k[0] == 1 and k[-1] == GRID[-1] // 2
+
+
 def test_spectrum_batched_and_parseval():
     fields = np.random.default_rng(0).normal(size=(2, 3, 12, 20))
     k, spectrum = isotropic_spectrum(fields)
@@ -154,6 +171,7 @@ def test_grid_run_maps_and_spectra(tmp_path, capsys, flat):
 def test_da_cycle_sqg_run_gets_maps_in_kelvin_and_days(sqg_run, tmp_path, capsys):
     run_ = load_run(sqg_run, "sqg")
     assert run_.grid == (2, 16, 16) and run_.units == "K" and run_.time_units == "days"
+    assert run_.sqg == SQG(N=16)  # kinetic-energy spectra
     np.testing.assert_allclose(run_.time, [1 / 12, 2 / 12])  # two 2-hour cycles
     with netCDF4.Dataset(sqg_run / "analysis.nc") as ds:
         np.testing.assert_array_equal(read_fields(run_, -1)[0], ds["truth"][1].reshape(2, 16, 16))
@@ -177,12 +195,17 @@ def bad_field_shape(path: Path) -> None:
         ds.setncattr(FIELD_SHAPE_ATTRIBUTE, "2 16 15")
 
 
+def other_sqg_grid(path: Path) -> None:
+    (path / "config.yaml").write_text("model: {name: sqg, N: 32}\n")
+
+
 @pytest.mark.parametrize(
     "damage, args, code, message",
     [
         (drop_summary, [], 1, "plot-results: error: {run} has no summary.json"),
         (write_garbage, [], 1, "plot-results: error: {run}/analysis.nc is not a readable netCDF file"),
         (bad_field_shape, [], 1, "field_shape='2 16 15' does not hold the 512 state variables"),
+        (other_sqg_grid, [], 1, "config.yaml's SQG grid (2, 32, 32) differs from the stored fields' (2, 16, 16)"),
         (None, ["--cycle", "3"], 1, "--cycle 3 is outside {run}'s cycles 0..2"),
         (None, ["--burn-in", "3"], 1, "--burn-in 3 leaves nothing of {run}'s 3 cycles"),
         (None, ["--labels", "a,b"], 2, "plot-results: error: --labels has 2 names for 1 run folders"),
