@@ -67,7 +67,7 @@ class ShockConfig:
     nature run continues unperturbed (as published); ``nature``: the nature run itself jumps.
     """
 
-    mode: Literal["off", "observed", "nature"] = "off"
+    mode: Literal["none", "observed", "nature"] = "none"
     fraction: float = 0.5
     amplitudes_pv: list[float] = field(default_factory=lambda: [1500.0, 1200.0, 900.0, 600.0])
     weights: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4])  # the SC24 code's bins
@@ -128,11 +128,14 @@ class CycleConfig:
                                  "set truth.model.name (e.g. sqg) or truth.source=file")
         else:
             self.truth.model = RunFile.open(self.truth.path).model
+        if tuple(self.truth.model.state_shape) != tuple(self.model.state_shape):
+            raise ValueError(f"truth.model's states {list(self.truth.model.state_shape)} differ from the forecast "
+                             f"model's {list(self.model.state_shape)}")
         self.nature_steps = steps_per_interval(self.truth.model, self.interval, "truth.model")
         self.forecast_steps = steps_per_interval(self.model, self.interval, "model")
         if self.truth.source == "file":
             RunFile.open(self.truth.path).check_cycles(self.truth.start_day, self.interval, self.cycles)
-        if self.shocks.mode != "off":
+        if self.shocks.mode != "none":
             if not hasattr(self.truth.model, "scale"):
                 raise ValueError("shocks are in PV units and need an SQG truth (f theta0 / g converts them to K); "
                                  f"truth model is {type(self.truth.model).__name__}")
@@ -215,7 +218,7 @@ def shock_schedule(config: ShockConfig, cycles: int, pv_to_state: float, generat
     As the SC24 code: one uniform u per cycle; u > 1 - fraction is a shock, and the amplitude is the
     k-th where u falls in the k-th of the consecutive bins of widths fraction x weights, counted down from 1.
     """
-    if config.mode == "off":
+    if config.mode == "none":
         return np.zeros(cycles)
     u = torch.rand(cycles, generator=generator, dtype=torch.float64).numpy()
     edges = 1.0 - config.fraction * np.cumsum(config.weights)  # lower edge of each amplitude's bin
