@@ -22,7 +22,7 @@ single axis of a 1-D state (Lorenz-96), and horizontally, over the last two axes
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -91,10 +91,10 @@ class LETKF(EnsembleKalmanMixin):
 
     localization_radius: float | None = None  # grid units (Sakov & Bertino, see module docstring); None: global
     batch_size: int = 8192  # grid points per batched eigendecomposition (bounds memory)
-    _neighbours: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._neighbours: dict = {}  # location_observations' cache; not a setting, so not a field
         if self.localization_radius is not None and not self.localization_radius > 0:
             raise ValueError(f"filter.localization_radius must be > 0 grid units, got {self.localization_radius}")
         if self.batch_size < 1:
