@@ -174,7 +174,7 @@ class RunFile:
 
     def frame_index(self, start_day: float, interval: float, cycle: int) -> int:
         """Frame of the state after ``cycle`` analyses (0: the initial state) from ``start_day``."""
-        return int(np.searchsorted(self.times, start_day * DAY + cycle * interval - 0.25 * interval))
+        return int(np.searchsorted(self.times, start_day * DAY + cycle * interval - 0.01 * interval))
 
     def check_cycles(self, start_day: float, interval: float, cycles: int) -> None:
         """Raise unless every analysis time from ``start_day`` on is a frame of the file."""
