@@ -18,8 +18,9 @@ model trained with lead 4 frames of 3 h):
 The starts are spread evenly over the frames that have a verifying frame K lead times later, the
 grid shifted by a seeded random offset. RMSE (K) at each lead pools the starts, both levels and
 all grid points: sqrt(mean((forecast - truth)^2)). The table goes to stdout as markdown;
-``--output-dir`` receives ``surrogate_eval.json`` (the numbers and the settings) and
-``surrogate_eval.png`` (RMSE against lead time, log scale), published together when complete.
+``--output-dir`` receives ``surrogate_eval.json`` (the numbers and the settings),
+``surrogate_eval.md`` (the table) and ``surrogate_eval.png`` (RMSE against lead time, log
+scale), published together when complete.
 Exit status: 0, 2 for bad input, 1 if a forecast failed. Guide: docs/surrogate_eval.md.
 """
 
@@ -49,7 +50,7 @@ from megavit.inference import COMPUTE_DTYPES, Surrogate, check_device, load_surr
 
 PROG = "evaluate-surrogate"
 FORECASTS = {"vit": "ViT surrogate", "persistence": "persistence", "sqg": "SQG model"}
-JSON_FILE, PLOT_FILE = "surrogate_eval.json", "surrogate_eval.png"
+JSON_FILE, PLOT_FILE, TABLE_FILE = "surrogate_eval.json", "surrogate_eval.png", "surrogate_eval.md"
 STEP_RTOL = 1e-6  # lead times must be whole numbers of frame intervals and model steps to this precision
 
 
@@ -247,7 +248,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, metavar="K", help="surrogate lead times (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the start frames' offset (default 0)")
     parser.add_argument("--output-dir", type=Path, metavar="DIR",
-                        help=f"write {JSON_FILE} and {PLOT_FILE} here (replacing earlier ones)")
+                        help=f"write {JSON_FILE}, {TABLE_FILE} and {PLOT_FILE} here (replacing earlier ones)")
     parser.add_argument("--device", default="cpu", help="torch device for both models (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=sorted(COMPUTE_DTYPES), help="ViT precision")
     parser.add_argument("--sqg-dtype", choices=sorted(DTYPES),
@@ -268,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.output_dir is not None:
             with staged_output(args.output_dir) as staging:
                 write_json(staging / JSON_FILE, summary(evaluation, args, rmse))
+                (staging / TABLE_FILE).write_text(markdown_table(evaluation.lead_hours, rmse) + "\n")
                 plot_skill(staging / PLOT_FILE, evaluation.lead_hours, rmse,
                            f"{len(evaluation.starts)} starts from {evaluation.source.name}")
     except (FloatingPointError, OSError) as err:
