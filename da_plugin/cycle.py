@@ -131,7 +131,9 @@ class CycleConfig:
         if tuple(self.truth.model.state_shape) != tuple(self.model.state_shape):
             raise ValueError(f"truth.model's states {list(self.truth.model.state_shape)} differ from the forecast "
                              f"model's {list(self.model.state_shape)}")
-        self.nature_steps = steps_per_interval(self.truth.model, self.interval, "truth.model")
+        # a run file's frames are the nature run: only a model steps through the interval
+        self.nature_steps = steps_per_interval(self.truth.model, self.interval, "truth.model") \
+            if self.truth.source == "model" else 0
         self.forecast_steps = steps_per_interval(self.model, self.interval, "model")
         if self.truth.source == "file":
             RunFile.open(self.truth.path).check_cycles(self.truth.start_day, self.interval, self.cycles)
