@@ -127,7 +127,9 @@ class CycleConfig:
                 raise ValueError(f"truth.model: {type(self.truth.model).__name__} cannot start a nature run; "
                                  "set truth.model.name (e.g. sqg) or truth.source=file")
         else:
-            self.truth.model = RunFile.open(self.truth.path).model
+            run_file = RunFile.open(self.truth.path)
+            run_file.check_cycles(self.truth.start_day, self.interval, self.cycles)
+            self.truth.model = run_file.model
         if tuple(self.truth.model.state_shape) != tuple(self.model.state_shape):
             raise ValueError(f"truth.model's states {list(self.truth.model.state_shape)} differ from the forecast "
                              f"model's {list(self.model.state_shape)}")
@@ -135,8 +137,6 @@ class CycleConfig:
         self.nature_steps = steps_per_interval(self.truth.model, self.interval, "truth.model") \
             if self.truth.source == "model" else 0
         self.forecast_steps = steps_per_interval(self.model, self.interval, "model")
-        if self.truth.source == "file":
-            RunFile.open(self.truth.path).check_cycles(self.truth.start_day, self.interval, self.cycles)
         if self.shocks.mode != "none":
             if not hasattr(self.truth.model, "scale"):
                 raise ValueError("shocks are in PV units and need an SQG truth (f theta0 / g converts them to K); "
