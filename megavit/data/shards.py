@@ -7,8 +7,9 @@ consecutive frames ``[n, 2, ny, nx]``; beside them ``normalize_mean.npz`` / ``no
 shards, sources). The writer side (`Shard`, `new_shard`, `write_statistics`, `metadata`,
 `write_metadata`) and the reader side (`SQGShards`, `Normalization`) share the names below.
 A sample is the pair (frame i, frame i + lead) inside one shard, normalized per level; shards
-are memory-mapped, so a rank reads only the frames its sampler hands it. Layout:
-docs/preprocessing.md.
+are memory-mapped, so a rank reads only the frames its sampler hands it. The reader names the file
+of anything it cannot use: a truncated or damaged file, and NaN or infinite values in the
+statistics or in a frame it reads. Layout: docs/preprocessing.md.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ MEAN_FILE, STD_FILE, CLIMATOLOGY_FILE = "normalize_mean.npz", "normalize_std.npz
 STATISTICS = (MEAN_FILE, STD_FILE, CLIMATOLOGY_FILE)
 META_FILE = "meta.json"
 LAYOUT = "each shard is a float32 C-order .npy array [frame, level, y, x] of consecutive frames"
+UNREADABLE = (ValueError, OSError, EOFError, zipfile.BadZipFile)
+"""What numpy raises on a truncated or damaged .npy/.npz file."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,15 +133,22 @@ class Normalization:
             path = root / name
             if not path.is_file():
                 raise FileNotFoundError(f"statistics file {path} is missing; {HINT}")
-            with np.load(path) as stats:
-                if KEY not in stats:
-                    raise ValueError(f"{path}: no array {KEY!r} (found {sorted(stats.files)})")
-                arrays.append(np.asarray(stats[KEY], dtype=np.float64))
+            try:
+                with np.load(path) as stats:
+                    names = sorted(stats.files)
+                    value = np.asarray(stats[KEY], dtype=np.float64) if KEY in names else None
+            except UNREADABLE as err:
+                raise ValueError(f"statistics file {path} cannot be read (truncated or damaged?): {err}") from None
+            if value is None:
+                raise ValueError(f"{path}: no array {KEY!r} (found {names})")
+            arrays.append(value)
         mean, std = arrays
         if mean.shape != (2,) or std.shape != (2,):
             raise ValueError(f"{root}: normalization arrays must have shape (2,), found {mean.shape} and {std.shape}")
-        if not np.all(std > 0):
-            raise ValueError(f"{root / STD_FILE}: standard deviations must be > 0, found {std}")
+        if not np.all(np.isfinite(mean)):
+            raise ValueError(f"{root / MEAN_FILE}: means must be finite, found {mean}")
+        if not np.all(np.isfinite(std) & (std > 0)):
+            raise ValueError(f"{root / STD_FILE}: standard deviations must be finite and > 0, found {std}")
         return cls(mean, std)
 
     def apply(self, frames: np.ndarray) -> np.ndarray:
@@ -155,29 +165,36 @@ class SQGShards(Dataset):
         meta_path = self.root / META_FILE
         if not meta_path.is_file():
             raise FileNotFoundError(f"no shard directory at {self.root} (missing meta.json); {HINT}")
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{meta_path} is not valid JSON (truncated?): {err}; {HINT}") from None
         if split not in meta.get("splits", {}):
             raise ValueError(f"{meta_path}: no split {split!r} (found {sorted(meta.get('splits', {}))})")
         if lead < 1:
             raise ValueError(f"lead must be >= 1 frame, got {lead}")
         self.normalization = Normalization.load(self.root)
+        self.split = split
         self.lead = lead
         self.lead_hours = lead * meta["dt_seconds"] / 3600.0
         shape = tuple(meta["shape"])
         if image_size is not None and shape[1:] != tuple(image_size):
             raise ValueError(f"{meta_path}: frames are {shape[1]}x{shape[2]} but the model expects "
                              f"{image_size[0]}x{image_size[1]}")
-        self.shards = []
+        self.shards, self.paths = [], []
         for entry in meta["splits"][split]["shards"]:
             path = self.root / entry["file"]
             try:
                 array = np.load(path, mmap_mode="r")
             except FileNotFoundError:
                 raise FileNotFoundError(f"shard {path} listed in {meta_path} is missing; {HINT}") from None
+            except UNREADABLE as err:  # a truncated file no longer holds the header's frames
+                raise ValueError(f"shard {path} cannot be read (truncated or damaged?): {err}; {HINT}") from None
             if array.ndim != 4 or array.shape[1:] != shape or array.shape[0] != entry["frames"]:
                 expected = ", ".join(map(str, (entry["frames"], *shape)))
                 raise ValueError(f"{path}: shape {array.shape}, expected ({expected})")
             self.shards.append(array)
+            self.paths.append(path)
         # sample k -> (shard, first frame): every frame with a target `lead` frames later in its shard
         self.index = [(s, i) for s, array in enumerate(self.shards) for i in range(array.shape[0] - lead)]
         if not self.index:
@@ -187,8 +204,13 @@ class SQGShards(Dataset):
         return len(self.index)
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample ``k``; a NaN or infinite value in either frame stops with the split, file and frame."""
         shard, i = self.index[k]
         frames = self.normalization.apply(self.shards[shard][[i, i + self.lead]])
+        if not np.isfinite(frames).all():
+            bad = i if not np.isfinite(frames[0]).all() else i + self.lead
+            raise ValueError(f"{self.split} split: shard {self.paths[shard]} holds NaN or infinite values in frame "
+                             f"{bad}; {HINT}")
         return torch.from_numpy(frames[0]), torch.from_numpy(frames[1]), torch.tensor(self.lead_hours)
 
 

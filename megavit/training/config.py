@@ -8,10 +8,19 @@ model, the parallel layout, data, optimizer schedule, run length, logging and ch
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from functools import reduce
+from typing import Any, Literal
 
 from megavit.model.config import ViTConfig
+
+ZERO_STAGES = (0, 1, 2)
+"""ZeRO stages the trainer supports: ZeRO-3 would split the parameters that the TP layers and
+the checkpoint tools expect whole on each rank."""
+PIPELINE_ZERO_STAGES = (0, 1)
+"""DeepSpeed's pipeline engine reduces gradients itself and supports no gradient partitioning."""
 
 
 @dataclass
@@ -61,8 +70,10 @@ class RunConfig:
     log_every: int = 10
     eval_every: int = 100
     """Steps between validation passes (0: only at the end)."""
-    eval_batches: int = 8
-    """Micro-batches per validation pass."""
+    eval_batches: int | None = None
+    """Cap on each validation pass: score only the first eval_batches x micro-batch x dp samples of
+    the val split (then the number depends on that product). None: the whole split, each sample
+    once, the same number for every (tp, pp, dp, micro-batch) layout."""
     save_every: int = 500
     """Steps between checkpoints (0: only at the end)."""
     peak_tflops: float | None = None
@@ -70,6 +81,9 @@ class RunConfig:
     progress: bool = True
     compile_blocks: bool = False
     """torch.compile each transformer block (fuses its elementwise work; the first steps compile)."""
+    overwrite: bool = False
+    """Start afresh in an output_dir that holds a run: remove its checkpoints, metrics, TensorBoard
+    events and config first. Without it (or --resume) such a directory is refused."""
 
 
 @dataclass
@@ -91,9 +105,13 @@ class TrainConfig:
         if self.data.root is None and not self.data.synthetic:
             raise ValueError("data.root is not set: give the shard directory (tools/nc2npy_mpi.py) "
                              "or data.synthetic=true")
-        if self.train.steps < 1 or self.train.log_every < 1:
-            raise ValueError(f"train.steps and train.log_every must be >= 1, got {self.train.steps} "
-                             f"and {self.train.log_every}")
+        for key, allowed, holds in RANGES:
+            value = reduce(getattr, key.split("."), self)
+            if value is not None and not holds(value):
+                raise ValueError(f"{key}={value!r} is out of range: must be {allowed}")
+        if self.parallel.sequence_parallel and self.parallel.tp == 1:
+            raise ValueError("parallel.sequence_parallel=true needs parallel.tp >= 2 (it shards the tokens "
+                             "over the TP group), got parallel.tp=1")
         if self.parallel.engine == "plain" and self.parallel.pp > 1:
             raise ValueError(f"parallel.engine=plain holds the whole model on one stage; it needs pp=1, "
                              f"got pp={self.parallel.pp}")
@@ -101,3 +119,84 @@ class TrainConfig:
     @property
     def uses_pipeline(self) -> bool:
         return self.parallel.engine == "pipeline" or (self.parallel.engine == "auto" and self.parallel.pp > 1)
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def _at_least(bound: int) -> Callable[[float], bool]:
+    return lambda value: math.isfinite(value) and value >= bound
+
+
+RANGES: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
+    ("parallel.tp", "an integer >= 1", _at_least(1)),
+    ("parallel.pp", "an integer >= 1", _at_least(1)),
+    ("data.lead", "an integer >= 1 (frames)", _at_least(1)),
+    ("data.synthetic_samples", "an integer >= 1", _at_least(1)),
+    ("optim.lr", "a finite number > 0", _positive),
+    ("optim.betas", "two numbers in [0, 1)", lambda betas: all(0 <= b < 1 for b in betas) and len(betas) == 2),
+    ("optim.weight_decay", "a finite number >= 0", _at_least(0)),
+    ("optim.warmup_steps", "an integer >= 0", _at_least(0)),
+    ("optim.min_lr_ratio", "a number in [0, 1]", lambda ratio: 0 <= ratio <= 1),
+    ("train.steps", "an integer >= 1", _at_least(1)),
+    ("train.log_every", "an integer >= 1", _at_least(1)),
+    ("train.eval_every", "an integer >= 0 (0: only at the end)", _at_least(0)),
+    ("train.eval_batches", "an integer >= 1, or null for the whole split", _at_least(1)),
+    ("train.save_every", "an integer >= 0 (0: only at the end)", _at_least(0)),
+    ("train.peak_tflops", "a finite number > 0, or null", _positive),
+)
+"""(dotted key, allowed range in words, test) for every numeric training setting; None passes."""
+
+
+def check_deepspeed_config(ds_config: dict[str, Any], config: TrainConfig, source: str) -> None:
+    """Refuse, with key, value and allowed range, what DeepSpeed would assert on or we cannot train.
+
+    Checked before any process group exists; the batch-size arithmetic that needs the DP size is
+    :func:`batch_sizes`. ``source`` names the JSON file in the messages.
+    """
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        value = ds_config.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise ValueError(f"{key}={value!r} in {source} is out of range: must be an integer >= 1")
+    if "train_micro_batch_size_per_gpu" not in ds_config and "train_batch_size" not in ds_config:
+        raise ValueError(f"{source} sets neither train_micro_batch_size_per_gpu nor train_batch_size; "
+                         f"give train_micro_batch_size_per_gpu (an integer >= 1)")
+    zero = ds_config.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
+    if stage not in ZERO_STAGES:
+        raise ValueError(f"zero_optimization.stage={stage!r} in {source} is not supported: must be one of "
+                         f"{list(ZERO_STAGES)}")
+    if config.uses_pipeline and stage not in PIPELINE_ZERO_STAGES:
+        raise ValueError(f"zero_optimization.stage={stage} in {source} does not work with pipeline parallelism "
+                         f"(parallel.pp={config.parallel.pp}): the pipeline engine allows stages "
+                         f"{list(PIPELINE_ZERO_STAGES)}; use stage 1, or pp=1 with parallel.engine=plain")
+    clipping = ds_config.get("gradient_clipping", 0.0)
+    if not isinstance(clipping, int | float) or isinstance(clipping, bool) or not _at_least(0)(clipping):
+        raise ValueError(f"gradient_clipping={clipping!r} in {source} is out of range: must be a finite number "
+                         f">= 0 (0: no clipping)")
+    if ds_config.get("fp16", {}).get("enabled", False):
+        raise ValueError(f"fp16.enabled=true in {source} is not supported: train in fp32 or with "
+                         f"bf16.enabled=true")
+
+
+def batch_sizes(ds_config: dict[str, Any], dp: int, source: str) -> tuple[int, int]:
+    """(micro-batch, gradient accumulation) from the DeepSpeed JSON for ``dp`` data-parallel ranks.
+
+    Any two of train_batch_size = micro x accumulation x dp may be given, or all three if they agree;
+    a missing accumulation is 1. The JSON is assumed to have passed :func:`check_deepspeed_config`.
+    """
+    micro = ds_config.get("train_micro_batch_size_per_gpu")
+    steps = ds_config.get("gradient_accumulation_steps")
+    total = ds_config.get("train_batch_size")
+    if total is not None:
+        known = (micro or 1) * (steps or 1) * dp
+        if micro is not None and steps is not None and total != known or total % known:
+            raise ValueError(f"train_batch_size={total} in {source} does not match train_micro_batch_size_per_gpu="
+                             f"{micro} x gradient_accumulation_steps={steps} x dp={dp}: must be a multiple "
+                             f"of {known}, equal to it when all three are given")
+        if micro is None:
+            micro = total // known
+        else:
+            steps = total // known if steps is None else steps
+    return micro, steps or 1

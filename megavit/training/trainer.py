@@ -1,17 +1,20 @@
 """Training the SQG ViT with the DeepSpeed engine: pipeline or plain, ZeRO, bf16, checkpoints, logging.
 
-``Trainer.train`` reads like a table of contents: resume, then per step ``train_step``, logging,
-validation and checkpoints. Data order is a pure function of (seed, micro-step), so a resumed
-run sees exactly the batches the uninterrupted run would have seen.
+``Trainer.train`` reads like a table of contents: claim the output directory, resume, then per
+step ``train_step``, logging, validation and checkpoints. Data order is a pure function of (seed,
+micro-step), so a resumed run sees exactly the batches the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import pickle
+import shutil
 import sys
 import time
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -19,16 +22,20 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from megavit.atomic import write_json_atomic, write_text_atomic
 from megavit.checkpoint import read_layout, resolve_tag, write_layout
-from megavit.config import to_dict
+from megavit.checkpoint.deepspeed_files import CheckpointError
+from megavit.config import ConfigError, to_dict
 from megavit.data import SQGShards, SyntheticFrames
 from megavit.model.pipeline import build_pipeline
 from megavit.model.vit import Block, ViT, flops_per_sample, mse_loss
 from megavit.parallel import DeepSpeedMPU, ParallelDims, Topology, sequence_parallel_grad_hooks
-from megavit.training.config import TrainConfig
+from megavit.training.config import TrainConfig, batch_sizes
 from megavit.training.schedule import warmup_cosine
 
 H100_BF16_PEAK_TFLOPS = 989.0
+OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "config.json")
+"""What a run writes into train.output_dir."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -36,6 +43,41 @@ class NonFiniteLoss(RuntimeError):
 
 
 Batch = tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]  # ((frames, lead_time), target)
+
+
+def collate(dataset: Dataset, indices: Sequence[int]) -> Batch:
+    """The samples ``indices`` of ``dataset`` stacked into one batch."""
+    frames, target, lead = (torch.stack(column) for column in zip(*(dataset[int(i)] for i in indices)))
+    return (frames, lead), target
+
+
+def validation_batches(size: int, micro: int, dp: int, dp_rank: int) -> tuple[list[range], range | None]:
+    """This DP rank's share of samples [0, size): full micro-batches, then its part of the remainder.
+
+    Global micro-batch g is samples [g micro dp, (g + 1) micro dp), of which DP rank r takes the r-th
+    ``micro``; the last ``size mod (micro dp)`` samples are dealt out in blocks of ceil(rest / dp),
+    so some ranks may get an empty range. The remainder is None when there is none on any rank.
+    Every sample lands in exactly one rank's batches.
+    """
+    full = size // (micro * dp)
+    batches = [range((g * dp + dp_rank) * micro, (g * dp + dp_rank + 1) * micro) for g in range(full)]
+    start = full * micro * dp
+    if start == size:
+        return batches, None
+    share = -(-(size - start) // dp)
+    first = min(size, start + dp_rank * share)
+    return batches, range(first, min(size, first + share))
+
+
+def existing_outputs(output_dir: Path) -> list[str]:
+    """The entries of :data:`OUTPUTS` that ``output_dir`` already holds (another run's, unless resuming)."""
+    return [name for name in OUTPUTS if (output_dir / name).exists()]
+
+
+def damaged_files(tag_dir: Path) -> str:
+    """'file X, Y is damaged; ' for the tag's checkpoint files that are not whole zip archives (torch's format)."""
+    damaged = [str(path) for path in sorted(tag_dir.glob("*.pt")) if not zipfile.is_zipfile(path)]
+    return f"file {', '.join(damaged)} is truncated or damaged; " if damaged else ""
 
 
 def micro_batches(dataset: Dataset, micro: int, dp: int, dp_rank: int, seed: int, first: int = 0,
@@ -54,9 +96,7 @@ def micro_batches(dataset: Dataset, micro: int, dp: int, dp_rank: int, seed: int
         order = (torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch)) if shuffle
                  else torch.arange(len(dataset)))
         start = (within * dp + dp_rank) * micro
-        samples = [dataset[int(i)] for i in order[start:start + micro]]
-        frames, target, lead = (torch.stack(column) for column in zip(*samples))
-        yield (frames, lead), target
+        yield collate(dataset, order[start:start + micro])
         step += 1
 
 
@@ -72,17 +112,22 @@ class Trainer:
         world = dist.get_world_size()
         tp, pp = config.parallel.tp, config.parallel.pp
         if world % (tp * pp):
-            raise ValueError(f"world size {world} is not divisible by tp * pp = {tp} * {pp}; "
-                             f"launch a multiple of {tp * pp} ranks or change parallel.tp/parallel.pp")
+            raise ConfigError(f"world size {world} is not divisible by tp * pp = {tp} * {pp}; "
+                              f"launch a multiple of {tp * pp} ranks or change parallel.tp/parallel.pp")
         self.dims = ParallelDims(tp=tp, dp=world // (tp * pp), pp=pp, world_size=world,
                                  sequence_parallel=config.parallel.sequence_parallel)
-        config.model.check_layout(self.dims)
+        try:
+            config.model.check_layout(self.dims)
+            batch_sizes(ds_config, self.dims.dp, "the DeepSpeed config")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self.topology = Topology(self.dims)
         self.rank = dist.get_rank()
         self.output = Path(config.train.output_dir)
         self.checkpoints = self.output / "checkpoints"
         self.step = 0
         self.last_checkpoint: str | None = None
+        self.grad_norm: float | None = None  # measured by _clip_gradients where DeepSpeed measures none
 
         model = self._build_model(config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
@@ -90,9 +135,12 @@ class Trainer:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
             s, warmup_steps=config.optim.warmup_steps, total_steps=config.train.steps,
             min_ratio=config.optim.min_lr_ratio))
+        self.clipping = float(ds_config.get("gradient_clipping", 0.0))
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=self._engine_config(ds_config),
             mpu=None if config.uses_pipeline else DeepSpeedMPU(self.topology))
+        if not self._deepspeed_measures_grad_norm(ds_config):
+            optimizer.register_step_pre_hook(lambda *_: self._clip_gradients())
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         self.micro = self.engine.train_micro_batch_size_per_gpu()
         self.accumulation = self.engine.gradient_accumulation_steps()
@@ -101,11 +149,6 @@ class Trainer:
         self.flops_per_sample = flops_per_sample(config.model)
         self.peak_tflops = config.train.peak_tflops or (H100_BF16_PEAK_TFLOPS if device_type == "cuda" else None)
         self.writer = None
-        if self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.output / "tensorboard"))
-            (self.output / "config.json").write_text(json.dumps(to_dict(config), indent=1))
 
     def _build_model(self, config: TrainConfig) -> torch.nn.Module:
         if config.uses_pipeline:
@@ -122,17 +165,51 @@ class Trainer:
         return model
 
     def _engine_config(self, ds_config: dict) -> dict:
-        """The DeepSpeed JSON, with what our layout requires of the pipeline engine.
+        """The DeepSpeed JSON, with what our layout requires of the pipeline engine and of clipping.
 
         DeepSpeed's pipeline sends 1/tp of each activation and gradient between stages and
         all-gathers them over TP on arrival (``pipe_partitioned``, ``grad_partitioned``), which
         assumes they are replicated across TP. Under sequence parallelism each TP rank holds its
         own tokens, so the stage boundary must carry each rank's tensor whole.
+
+        Where DeepSpeed measures no gradient norm (no ZeRO, fp32) the trainer clips instead
+        (:meth:`_clip_gradients`), so DeepSpeed gets no clipping of its own.
         """
+        if not self._deepspeed_measures_grad_norm(ds_config):
+            ds_config = dict(ds_config, gradient_clipping=0.0)
         if not (self.config.uses_pipeline and self.dims.sp_enabled):
             return ds_config
         pipeline = dict(ds_config.get("pipeline", {}), pipe_partitioned=False, grad_partitioned=False)
         return dict(ds_config, pipeline=pipeline)
+
+    @staticmethod
+    def _deepspeed_measures_grad_norm(ds_config: dict) -> bool:
+        """ZeRO and the bf16 optimizer compute the global gradient norm; DeepSpeed's plain fp32 path does not."""
+        zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        return zero_stage > 0 or ds_config.get("bf16", {}).get("enabled", False)
+
+    def _clip_gradients(self) -> None:
+        """Global gradient norm of this step, then clipping to ``gradient_clipping`` (an optimizer pre-step hook).
+
+        Runs after the DP reduction, so every DP replica holds the same gradients; as DeepSpeed's
+        ZeRO optimizer does, a TP-split parameter counts on every TP rank and a replicated one on TP
+        rank 0 only, and the squares are summed over the model-parallel (TP x PP) group. The clip
+        factor is DeepSpeed's: min(1, clipping / (norm + 1e-6)). (DeepSpeed's own fp32 clipping
+        counts replicated parameters on the first pipeline stage only.)
+        """
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None
+                 and (self.topology.coord.tp == 0 or getattr(p, "tensor_model_parallel", False))]
+        squares = torch.zeros(1, dtype=torch.float32, device=self.engine.device)
+        if grads:
+            squares += torch.stack([g.detach().float().norm() for g in grads]).pow(2).sum()
+        dist.all_reduce(squares, group=self.topology.model_group)
+        norm = squares.sqrt()
+        if self.clipping > 0:
+            factor = torch.clamp(self.clipping / (norm + 1e-6), max=1.0)
+            for p in self.engine.module.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+        self.grad_norm = norm.item()
 
     def _datasets(self, config: TrainConfig) -> tuple[Dataset, Dataset]:
         model = config.model
@@ -147,8 +224,11 @@ class Trainer:
 
     def train(self, resume: str | None = None) -> dict[str, float]:
         """Run to ``train.steps``; returns the last logged metrics."""
+        if self.config.train.overwrite:
+            self.clear_output()
         if resume:
             self.resume(resume)
+        self._open_logs(resumed=bool(resume))
         run = self.config.train
         batches = self._to_device(micro_batches(self.train_data, self.micro, self.dims.dp, self.topology.coord.dp,
                                                 run.seed, first=self.step * self.accumulation))
@@ -159,14 +239,14 @@ class Trainer:
             self._scalar("val/loss", val_loss := self.evaluate())
             self._record(val_loss=val_loss)
         while self.step < run.steps:
+            lr = self.engine.get_lr()[0]  # the scheduler moves on inside the step: read the LR this step uses
             started = self._now()
             loss = self.train_step(batches)
             seconds = self._now() - started
             self.step += 1
             if not math.isfinite(loss):
-                raise NonFiniteLoss(f"loss is {loss} at step {self.step}; stopped without saving. Last good "
-                                    f"checkpoint: {self.last_checkpoint or 'none'} in {self.checkpoints}")
-            metrics = self._log_step(loss, seconds)
+                raise NonFiniteLoss(f"loss is {loss} at step {self.step}; stopped without saving. {self._last_good}")
+            metrics = self._log_step(loss, lr, seconds)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if (run.eval_every and self.step % run.eval_every == 0) or self.step == run.steps:
@@ -194,19 +274,53 @@ class Trainer:
         return self._dp_mean(total)
 
     def evaluate(self) -> float:
-        """Mean loss over the first ``eval_batches`` micro-batches of the val split (same every time)."""
-        count = self.config.train.eval_batches
-        batches = self._to_device(micro_batches(self.val_data, self.micro, self.dims.dp, self.topology.coord.dp,
-                                                seed=0, shuffle=False))
-        if self.config.uses_pipeline:
-            return float(self.engine.eval_batch(batches, num_micro_batches=count))
-        self.engine.eval()
-        total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
-        with torch.no_grad():
-            for inputs, target in (next(batches) for _ in range(count)):
-                total += mse_loss(self.engine(*inputs), target) / count
-        self.engine.train()
-        return self._dp_mean(total)
+        """Mean loss per sample over the val split, each sample scored once (the same for every layout).
+
+        Each micro-batch's mean loss is weighted by its sample count; the sums of every DP replica
+        (counted on its last stage, TP rank 0) are added up over all ranks. Full micro-batches of the
+        training size run first, then the remainder as one smaller micro-batch per DP rank: the
+        pipeline engine needs every rank in each pass, so a rank without remainder scores one
+        sample with weight 0. ``train.eval_batches`` caps the split at that many global micro-batches.
+        """
+        cap = self.config.train.eval_batches
+        size = len(self.val_data) if cap is None else min(len(self.val_data), cap * self.micro * self.dims.dp)
+        full, rest = validation_batches(size, self.micro, self.dims.dp, self.topology.coord.dp)
+        passes = [(full, [len(b) for b in full])] if full else []
+        if rest is not None:
+            passes.append(([rest], [len(rest)]) if len(rest) else ([range(1)], [0]))
+        totals = torch.zeros(2, dtype=torch.float64, device=self.engine.device)  # weighted loss sum, samples
+        for batches, weights in passes:
+            losses = self._eval_losses(batches, reshape=len(batches[0]) != self.micro)
+            if losses is not None and self.topology.coord.tp == 0:
+                for loss, weight in zip(losses, weights, strict=True):
+                    totals[0] += loss.double() * weight
+                    totals[1] += weight
+        dist.all_reduce(totals)
+        val_loss = (totals[0] / totals[1]).item()
+        if not math.isfinite(val_loss):
+            raise NonFiniteLoss(f"validation loss is {val_loss} at step {self.step}. {self._last_good}")
+        return val_loss
+
+    def _eval_losses(self, batches: list[range], reshape: bool) -> list[torch.Tensor] | None:
+        """Mean loss of each val micro-batch ``batches`` (index ranges); None on ranks that do not hold them.
+
+        ``reshape``: the micro-batch size differs from training's, so the pipeline engine must
+        renegotiate the activation shapes between stages before and after.
+        """
+        loaded = self._to_device(collate(self.val_data, indices) for indices in batches)
+        if not self.config.uses_pipeline:
+            self.engine.eval()
+            with torch.no_grad():
+                losses = [mse_loss(self.engine(*inputs), target) for inputs, target in loaded]
+            self.engine.train()
+            return losses
+        if reshape:
+            self.engine.reset_activation_shape()
+        losses = self.engine.eval_batch(loaded, num_micro_batches=len(batches), reduce_output=None,
+                                        bcast_loss=False)
+        if reshape:
+            self.engine.reset_activation_shape()
+        return losses if self.engine.is_last_stage() else None
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -228,21 +342,34 @@ class Trainer:
         layout.json) gives the weights only: the optimizer and LR schedule start afresh at step 0.
         """
         tag = resolve_tag(self.checkpoints, tag)
-        saved, current = read_layout(self.checkpoints, tag), json.loads(json.dumps(self.layout()))  # tuples as saved
+        try:
+            saved = read_layout(self.checkpoints, tag)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"checkpoint file {self.checkpoints / tag / 'layout.json'} is not valid JSON "
+                                  f"(truncated?): {err}") from None
+        current = json.loads(json.dumps(self.layout()))  # tuples as saved
         for key in ("tp", "pp", "dp", "sequence_parallel", "engine", "model", "stages"):
             if key in saved and saved[key] != current.get(key):
                 raise ValueError(f"checkpoint {self.checkpoints / tag} was saved with {key}={saved[key]}, "
                                  f"this run has {key}={current.get(key)}; resume with the same layout "
                                  f"(or convert it: convert-checkpoint --format deepspeed)")
         weights_only = not saved.get("optimizer_state", True)
-        _, client_state = self.engine.load_checkpoint(str(self.checkpoints), tag=tag, load_module_only=weights_only,
-                                                      load_optimizer_states=not weights_only,
-                                                      load_lr_scheduler_states=not weights_only)
+        try:
+            path, client_state = self.engine.load_checkpoint(
+                str(self.checkpoints), tag=tag, load_module_only=weights_only,
+                load_optimizer_states=not weights_only, load_lr_scheduler_states=not weights_only)
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, AssertionError, pickle.UnpicklingError) as err:
+            raise CheckpointError(f"checkpoint {self.checkpoints / tag} cannot be loaded: "
+                                  f"{damaged_files(self.checkpoints / tag)}{str(err).splitlines()[0]}") from None
+        if path is None:  # DeepSpeed only warns when this rank's model file is missing
+            raise CheckpointError(f"checkpoint {self.checkpoints / tag} lacks this rank's model file "
+                                  f"(rank {self.rank}); {damaged_files(self.checkpoints / tag)}")
         self.step = 0 if weights_only else client_state["step"]
         self.last_checkpoint = tag
-        if self.rank == 0 and weights_only:
-            print(f"megavit-train: {self.checkpoints / tag} holds weights only: starting the optimizer and the "
-                  f"LR schedule afresh at step 0", file=sys.stderr)
+        if self.rank == 0:
+            print(f"megavit-train: resumed from {self.checkpoints / tag} at step {self.step}"
+                  + (": weights only, the optimizer and the LR schedule start afresh" if weights_only else ""),
+                  file=sys.stderr)
 
     def layout(self) -> dict:
         """What a checkpoint's shards mean: parallel sizes, engine, stages, model shape and training data."""
@@ -258,6 +385,45 @@ class Trainer:
         norm = getattr(self.train_data, "normalization", None)
         return dict(lead_hours=float(self.train_data.lead_hours),
                     normalization=None if norm is None else dict(mean=norm.mean.tolist(), std=norm.std.tolist()))
+
+    # -- the output directory -------------------------------------------------------------------
+
+    def clear_output(self) -> None:
+        """``train.overwrite``: rank 0 removes the previous run's outputs before any rank writes."""
+        if self.rank == 0:
+            for name in existing_outputs(self.output):
+                path = self.output / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        dist.barrier()
+
+    def _open_logs(self, resumed: bool) -> None:
+        """Rank 0: config.json, TensorBoard (hiding events after this step) and metrics.jsonl.
+
+        After a resume, metrics.jsonl keeps the entries up to the resumed step, rewritten atomically,
+        and records where the run resumed; later entries belong to the steps this run redoes.
+        """
+        if self.rank != 0:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        write_json_atomic(self.output / "config.json", to_dict(self.config))
+        self.writer = SummaryWriter(str(self.output / "tensorboard"), purge_step=self.step + 1 if resumed else None)
+        if not resumed:
+            return
+        log = self.output / "metrics.jsonl"
+        kept = []
+        for line in log.read_text().splitlines() if log.is_file() else []:
+            try:
+                if json.loads(line)["step"] <= self.step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill
+                continue
+        kept.append(json.dumps(dict(step=self.step, resumed_from=self.last_checkpoint)))
+        write_text_atomic(log, "".join(line + "\n" for line in kept))
+
+    @property
+    def _last_good(self) -> str:
+        return f"Last good checkpoint: {self.last_checkpoint or 'none'} in {self.checkpoints}"
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -277,11 +443,11 @@ class Trainer:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def _log_step(self, loss: float, seconds: float) -> dict[str, float]:
+    def _log_step(self, loss: float, lr: float, seconds: float) -> dict[str, float]:
         samples_per_s = self.global_batch / seconds
         tflops = self.flops_per_sample * samples_per_s / self.dims.world_size / 1e12  # per device
-        metrics = dict(loss=loss, lr=self.engine.get_lr()[0], samples_per_s=samples_per_s, tflops=tflops,
-                       grad_norm=float(self.engine.get_global_grad_norm() or float("nan")))
+        grad_norm = self.grad_norm if self.grad_norm is not None else self.engine.get_global_grad_norm()
+        metrics = dict(loss=loss, lr=lr, samples_per_s=samples_per_s, tflops=tflops, grad_norm=float(grad_norm))
         if self.peak_tflops:
             metrics["mfu"] = tflops / self.peak_tflops
         if self.step % self.config.train.log_every == 0:
@@ -291,7 +457,7 @@ class Trainer:
         return metrics
 
     def _record(self, **values: float) -> None:
-        """Append this step's values to output_dir/metrics.jsonl (rank 0; a resumed run appends its steps)."""
+        """Append this step's values to output_dir/metrics.jsonl (rank 0; see :meth:`_open_logs` on resume)."""
         if self.rank == 0:
             with open(self.output / "metrics.jsonl", "a") as log:
                 log.write(json.dumps(dict(step=self.step, **values)) + "\n")
