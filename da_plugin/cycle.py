@@ -1,11 +1,14 @@
 """The cycling driver: truth -> observations -> forecast -> analysis -> metrics -> output.
 
-``da-cycle CONFIG [key=value ...]`` runs a twin experiment: a truth trajectory is spun up
-and observed with noise, an ensemble starting from truth + N(0, init_spread^2) is forecast
-by the model and corrected by the filter every ``obs.every`` model steps, and a free
-ensemble from the same start runs beside it without assimilation. Outputs land in
-``output_dir``: ``config.yaml`` (resolved), ``summary.json``, ``analysis.nc`` and
-``rmse.png``; time means skip the first ``burn_in`` cycles.
+``da-cycle CONFIG [key=value ...]`` runs a twin experiment: a nature run (spun up by the
+``truth.model``, by default the forecast model itself, or read from an SQG run file) is
+observed with noise, an ensemble starting from truth + N(0, init_spread^2) is forecast by the
+``model`` (Lorenz-96, SQG or the ViT surrogate) and corrected by the filter every analysis
+interval, and a free ensemble from the same start runs beside it without assimilation. Shocks
+optionally perturb the observed truth or the nature run. Outputs land in ``output_dir``:
+``config.yaml`` (resolved), ``summary.json``, ``analysis.nc`` and ``rmse.png``; time means skip
+the first ``burn_in`` cycles. With ``restart_every`` a restart file is kept there while the run
+goes, from which ``resume=true`` continues.
 """
 
 from __future__ import annotations
