@@ -84,6 +84,8 @@ def write_ds(tmp_path: Path, **changes) -> str:
                                               "must be one of [0, 1, 2]"),
     ({"zero_optimization": {"stage": 2}}, ["parallel.pp=2"], "zero_optimization.stage=2 in {} does not work with "
                                                              "pipeline parallelism (parallel.pp=2)"),
+    ({"zero_optimization": {"stage": 1, "compute_grad_norm": False}}, [], "zero_optimization.compute_grad_norm="
+                                                                          "False in {} is not supported"),
     ({"gradient_clipping": -1}, [], "gradient_clipping=-1 in {} is out of range: must be a finite number >= 0"),
     ({"fp16": {"enabled": True}}, [], "fp16.enabled=true in {} is not supported"),
     ({"train_micro_batch_size_per_gpu": None}, [], "{} sets neither train_micro_batch_size_per_gpu nor "

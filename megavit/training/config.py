@@ -171,6 +171,9 @@ def check_deepspeed_config(ds_config: dict[str, Any], config: TrainConfig, sourc
         raise ValueError(f"zero_optimization.stage={stage} in {source} does not work with pipeline parallelism "
                          f"(parallel.pp={config.parallel.pp}): the pipeline engine allows stages "
                          f"{list(PIPELINE_ZERO_STAGES)}; use stage 1, or pp=1 with parallel.engine=plain")
+    if isinstance(zero, dict) and zero.get("compute_grad_norm", True) is not True:
+        raise ValueError(f"zero_optimization.compute_grad_norm={zero['compute_grad_norm']!r} in {source} is not "
+                         f"supported: the trainer logs the gradient norm; remove the key")
     clipping = ds_config.get("gradient_clipping", 0.0)
     if not isinstance(clipping, int | float) or isinstance(clipping, bool) or not _at_least(0)(clipping):
         raise ValueError(f"gradient_clipping={clipping!r} in {source} is out of range: must be a finite number "

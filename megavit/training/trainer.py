@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from megavit.atomic import write_json_atomic, write_text_atomic
 from megavit.checkpoint import read_layout, resolve_tag, write_layout
-from megavit.checkpoint.deepspeed_files import CheckpointError
+from megavit.checkpoint.deepspeed_files import CheckpointError, model_states_file
 from megavit.config import ConfigError, to_dict
 from megavit.data import SQGShards, SyntheticFrames
 from megavit.model.pipeline import build_pipeline
@@ -74,10 +74,12 @@ def existing_outputs(output_dir: Path) -> list[str]:
     return [name for name in OUTPUTS if (output_dir / name).exists()]
 
 
-def damaged_files(tag_dir: Path) -> str:
-    """'file X, Y is damaged; ' for the tag's checkpoint files that are not whole zip archives (torch's format)."""
+def checkpoint_damage(tag_dir: Path, model_states: Path) -> str:
+    """What is wrong with a checkpoint DeepSpeed could not load: this rank's missing model-states file,
+    and the tag's files that are not whole zip archives (torch's format); '' if nothing shows."""
     damaged = [str(path) for path in sorted(tag_dir.glob("*.pt")) if not zipfile.is_zipfile(path)]
-    return f"file {', '.join(damaged)} is truncated or damaged; " if damaged else ""
+    return "".join([f"file {model_states} is missing; " if not model_states.is_file() else "",
+                    f"file {', '.join(damaged)} is truncated or damaged; " if damaged else ""])
 
 
 def micro_batches(dataset: Dataset, micro: int, dp: int, dp_rank: int, seed: int, first: int = 0,
@@ -359,11 +361,14 @@ class Trainer:
                 str(self.checkpoints), tag=tag, load_module_only=weights_only,
                 load_optimizer_states=not weights_only, load_lr_scheduler_states=not weights_only)
         except (RuntimeError, EOFError, OSError, ValueError, KeyError, AssertionError, pickle.UnpicklingError) as err:
-            raise CheckpointError(f"checkpoint {self.checkpoints / tag} cannot be loaded: "
-                                  f"{damaged_files(self.checkpoints / tag)}{str(err).splitlines()[0]}") from None
-        if path is None:  # DeepSpeed only warns when this rank's model file is missing
-            raise CheckpointError(f"checkpoint {self.checkpoints / tag} lacks this rank's model file "
-                                  f"(rank {self.rank}); {damaged_files(self.checkpoints / tag)}")
+            path, reason = None, (str(err).strip().splitlines() or [type(err).__name__])[0]
+        else:
+            reason = "DeepSpeed found no model file for this rank"
+        if path is None:  # DeepSpeed raises on a damaged file, and only warns when it finds none
+            tag_dir = self.checkpoints / tag
+            model_states = model_states_file(tag_dir, self.dims.tp * self.topology.coord.pp + self.topology.coord.tp)
+            raise CheckpointError(f"checkpoint {tag_dir} cannot be loaded: {checkpoint_damage(tag_dir, model_states)}"
+                                  f"{reason}")
         self.step = 0 if weights_only else client_state["step"]
         self.last_checkpoint = tag
         if self.rank == 0:
