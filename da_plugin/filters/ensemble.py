@@ -1,5 +1,7 @@
 """Settings shared by the Kalman-type ensemble filters: ensemble size and covariance inflation.
 
+The relaxations are also a function (:func:`relax`), which EnSF uses.
+
 * ``inflation`` (rho): prior multiplicative covariance inflation, P^b <- rho P^b, applied
   as perturbations x sqrt(rho) before the observation operator (Anderson & Anderson 1999).
 * ``rtps`` (alpha): relaxation to prior spread, per variable sigma^a <- sigma^a + alpha
@@ -48,14 +50,20 @@ class EnsembleKalmanMixin:
 
     def relax(self, forecast: torch.Tensor, analysis: torch.Tensor) -> torch.Tensor:
         """Apply RTPS or RTPP to the analysis perturbations; the analysis mean is unchanged."""
-        if self.rtps == 0.0 and self.rtpp == 0.0:
-            return analysis
-        mean_a = analysis.mean(0)
-        pert_a = analysis - mean_a
-        pert_b = forecast - forecast.mean(0)
-        if self.rtpp > 0:
-            return mean_a + (1.0 - self.rtpp) * pert_a + self.rtpp * pert_b
-        spread_a = pert_a.std(0)
-        spread_b = pert_b.std(0)
-        factor = 1.0 + self.rtps * (spread_b - spread_a) / spread_a.clamp_min(torch.finfo(spread_a.dtype).tiny)
-        return mean_a + pert_a * factor
+        return relax(forecast, analysis, rtps=self.rtps, rtpp=self.rtpp)
+
+
+def relax(forecast: torch.Tensor, analysis: torch.Tensor, *, rtps: float = 0.0, rtpp: float = 0.0) -> torch.Tensor:
+    """RTPS or RTPP (at most one nonzero) of ``[N, d]`` analysis perturbations towards the
+    forecast's; the analysis mean is unchanged."""
+    if rtps == 0.0 and rtpp == 0.0:
+        return analysis
+    mean_a = analysis.mean(0)
+    pert_a = analysis - mean_a
+    pert_b = forecast - forecast.mean(0)
+    if rtpp > 0:
+        return mean_a + (1.0 - rtpp) * pert_a + rtpp * pert_b
+    spread_a = pert_a.std(0)
+    spread_b = pert_b.std(0)
+    factor = 1.0 + rtps * (spread_b - spread_a) / spread_a.clamp_min(torch.finfo(spread_a.dtype).tiny)
+    return mean_a + pert_a * factor

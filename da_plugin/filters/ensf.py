@@ -17,6 +17,13 @@ prior score comes from the forecast ensemble {x_j}:
 Both are O(N d K); the mixture adds the N x N distance matrix, built from chunked matrix
 products (memory O(N d + N^2), never N x N x d).
 
+The diffusion has unit scale, so the state's units matter: ``standardize`` runs it on the state
+standardized per variable by the forecast ensemble's mean and spread (the observation operator
+seen through the chain rule, :class:`StandardizedObservations`), ``stop_time`` ends the reverse
+SDE early, and ``rtps`` relaxes the analysis spread towards the forecast's. The SC24 SQG code
+does all three (standardized, stopped at t = 0.5, spread restored); on SQG with 1 K
+observations without them the analysis barely moves from the forecast (docs/results.md).
+
 Two backends run the same steps: the torch path here (:meth:`EnSF.reverse_sde`: any device,
 dtype and operator) and the fused Triton kernel (:mod:`da_plugin.filters.ensf_fused`: CUDA,
 float32, componentwise operators). :meth:`EnSF.analysis` alone picks between them.
@@ -31,6 +38,7 @@ from typing import Literal
 import torch
 
 from da_plugin.counter_rng import CounterDraws
+from da_plugin.filters.ensemble import relax
 from da_plugin.filters.ensf_fused import check_fusable, fused_reverse_sde, triton_usable
 from da_plugin.filters.ensf_mixture import mixture_mean, whole_state
 from da_plugin.filters.ensf_schedule import Step, reverse_sde_steps, steep_step_factors
@@ -57,6 +65,11 @@ class EnSF:
     # explicit: the paper's Euler-Maruyama step; semi_implicit: the likelihood increment divided by
     # 1 + likelihood_k x the Gauss-Newton curvature h'(z)^2 / sigma^2, stable for any K
     likelihood_step: Literal["explicit", "semi_implicit"] = "explicit"
+    # run the reverse SDE on the state standardized per variable by the forecast ensemble's mean and
+    # spread (the SC24 SQG code): the diffusion's unit scale then matches the state's; torch backend
+    standardize: bool = False
+    stop_time: float = 0.0  # the reverse SDE runs from t = 1 down to this time (SC24 SQG: 0.5)
+    rtps: float = 0.0  # relaxation of the analysis spread to the forecast's per variable (SC24 SQG: 1)
 
     def __post_init__(self) -> None:
         if self.ensemble_size < 2:
@@ -73,6 +86,12 @@ class EnSF:
             raise ValueError(f"filter.block_elements must be >= 1, got {self.block_elements}")
         if self.likelihood_step not in ("explicit", "semi_implicit"):
             raise ValueError(f"filter.likelihood_step must be explicit or semi_implicit, got {self.likelihood_step!r}")
+        if not 0.0 <= self.stop_time < 1.0:
+            raise ValueError(f"filter.stop_time must be in [0, 1), got {self.stop_time}")
+        if not 0.0 <= self.rtps <= 1.0:
+            raise ValueError(f"filter.rtps must be in [0, 1], got {self.rtps}")
+        if self.standardize and self.backend == "triton":
+            raise ValueError("filter.standardize runs on the torch backend; use filter.backend=auto or torch")
 
     def analysis(self, forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator,
                  noise: torch.Generator | CounterDraws,
@@ -86,6 +105,17 @@ class EnSF:
         sums over state variables (the mixture's N x N products); a domain-decomposed caller
         all-reduces them over ranks.
         """
+        if self.standardize:
+            mean, spread = forecast.mean(0), forecast.std(0).clamp_min(torch.finfo(forecast.dtype).tiny)
+            standardized = self._analysis((forecast - mean) / spread, y, StandardizedObservations(obs, mean, spread),
+                                          noise, sum_over_state)
+            analysis = standardized.mul_(spread).add_(mean)
+        else:
+            analysis = self._analysis(forecast, y, obs, noise, sum_over_state)
+        return relax(forecast, analysis, rtps=self.rtps)
+
+    def _analysis(self, forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator,
+                  noise: torch.Generator | CounterDraws, sum_over_state: SumOverState) -> torch.Tensor:
         if self.uses_fused_kernel(forecast, obs):
             if isinstance(noise, torch.Generator):
                 noise = CounterDraws(seed=int(torch.randint(1 << 62, (1,), generator=noise, device=noise.device)))
@@ -104,8 +134,8 @@ class EnSF:
         if self.backend == "triton":
             check_fusable(forecast, obs)
             return True
-        return (self.backend == "auto" and triton_usable(forecast.device) and forecast.dtype == torch.float32
-                and obs.operator in ("identity", "arctan"))
+        return (self.backend == "auto" and not self.standardize and triton_usable(forecast.device)
+                and forecast.dtype == torch.float32 and obs.operator in ("identity", "arctan"))
 
     def reverse_sde(self, forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator,
                     noise: Callable[[int], torch.Tensor], sum_over_state: SumOverState = whole_state) -> torch.Tensor:
@@ -142,8 +172,8 @@ class EnSF:
         return 2 * (self.steps // 2 + 1)
 
     def schedule(self) -> list[Step]:
-        """The K Euler-Maruyama steps from t = 1 down to t = 1/K, as update coefficients."""
-        return reverse_sde_steps(self.steps, self.eps_alpha, self.eps_beta, self.damping)
+        """The K Euler-Maruyama steps from t = 1 down to ``stop_time``, as update coefficients."""
+        return reverse_sde_steps(self.steps, self.eps_alpha, self.eps_beta, self.damping, self.stop_time)
 
     def steep_step_note(self, obs_sigma: float) -> str | None:
         """A one-line warning when steps amplify differences (a factor below -1), else None.
@@ -183,6 +213,31 @@ class EnSF:
         if self.prior_score == "one_to_one":
             return None
         return lambda z, step: mixture_mean(z, forecast, step.alpha, step.sigma2, self.chunk_size, sum_over_state)
+
+
+class StandardizedObservations:
+    """The observation operator as the standardized state u = (x - mean) / spread sees it:
+    h(mean + spread u), its score and curvature by the chain rule (one factor of spread each)."""
+
+    def __init__(self, obs: ObservationOperator, mean: torch.Tensor, spread: torch.Tensor) -> None:
+        self.obs, self.mean, self.spread = obs, mean, spread
+
+    @property
+    def operator(self) -> str:
+        return self.obs.operator
+
+    def check(self, y: torch.Tensor, where: str = "observations") -> None:
+        self.obs.check(y, where)
+
+    def restrict(self, start: int, stop: int) -> tuple[StandardizedObservations, torch.Tensor]:
+        inner, positions = self.obs.restrict(start, stop)
+        return StandardizedObservations(inner, self.mean[start:stop], self.spread[start:stop]), positions
+
+    def likelihood_score(self, u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.obs.likelihood_score(self.spread * u + self.mean, y).mul_(self.spread)
+
+    def likelihood_curvature(self, u: torch.Tensor) -> torch.Tensor:
+        return self.obs.likelihood_curvature(self.spread * u + self.mean).mul_(self.spread.square())
 
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

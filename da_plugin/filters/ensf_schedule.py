@@ -7,8 +7,9 @@ sigma^2(t) = eps_beta + (1 - eps_beta) t; the likelihood score is damped by h(t)
     dz = [f(t) z - g^2(t) s(z, t)] dt + g(t) dW,    f = d log(alpha)/dt,
     g^2 = d sigma^2/dt - 2 f sigma^2,
 
-is integrated from t = 1 to t = 1/K with K Euler-Maruyama steps, each written out as the
-coefficients of one update (:class:`Step`).
+is integrated from t = 1 towards t = 0 with K Euler-Maruyama steps of dt = (1 - t_stop) / K, each
+written out as the coefficients of one update (:class:`Step`). The SC24 SQG code stops half way
+(t_stop = 0.5), where the observations still outweigh the forecast's pull.
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ def damping_weight(t: float, damping: Damping) -> float:
     return 1.0 - t if damping == "linear" else 1.0
 
 
-def reverse_sde_steps(steps: int, eps_alpha: float, eps_beta: float, damping: Damping) -> list[Step]:
-    """The K Euler-Maruyama steps from t = 1 down to t = 1/K, as update coefficients.
+def reverse_sde_steps(steps: int, eps_alpha: float, eps_beta: float, damping: Damping,
+                      stop_time: float = 0.0) -> list[Step]:
+    """The K Euler-Maruyama steps from t = 1 down to t = stop_time + dt, as update coefficients.
 
     Step k maps z to keep z + center c + likelihood L(z) + noise xi, which is
     z - dt [f z - g^2 (-(z - alpha c) / sigma^2 + h L)] + sqrt(dt) g xi written out.
     """
-    dt = 1.0 / steps
+    dt = (1.0 - stop_time) / steps
     schedule = []
     for k in range(steps):
         t = 1.0 - k * dt
