@@ -257,15 +257,20 @@ def by_step(entries: list[dict], key: str) -> dict[int, float]:
     return {e["step"]: e[key] for e in entries if key in e}
 
 
+PP2 = ("parallel.pp=2", "train.eval_every=1")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """pp=2 without ZeRO (micro-batch 8), and dp=2 on the plain engine with ZeRO-1 (2 micro-batches of 2).
 
     Both train on the same 8 samples per step; their validation passes split the 13 val samples
-    differently, and the second leaves DP rank 1 without a remainder.
+    differently, and the second leaves DP rank 1 without a remainder. The pipeline run validates
+    before and after every step, so its stages renegotiate activation shapes between training and
+    the remainder's smaller micro-batch each time.
     """
     root = tmp_path_factory.mktemp("runs")
-    torchrun(2, root / "pp2", str(DS_DIR / "dp_fp32.json"), "parallel.pp=2")
+    torchrun(2, root / "pp2", str(DS_DIR / "dp_fp32.json"), *PP2)
     zero1 = dict(json.loads((DS_DIR / "zero1_fp32.json").read_text()), train_micro_batch_size_per_gpu=2,
                  gradient_accumulation_steps=2)
     (root / "zero1_micro2.json").write_text(json.dumps(zero1))
@@ -278,8 +283,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 def test_grad_norm_without_zero_is_the_global_norm(runs):
     pp2, dp2 = metrics(runs["pp2"]), metrics(runs["dp2"])
     # the same 8 samples per step on both layouts; ZeRO-1's norm is DeepSpeed's own
-    np.testing.assert_allclose(list(by_step(pp2, "grad_norm").values()), list(by_step(dp2, "grad_norm").values()),
-                               rtol=1e-5)
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose(list(by_step(pp2, key).values()), list(by_step(dp2, key).values()), rtol=1e-5,
+                                   err_msg=key)
     # by hand: the step-1 weights, the step-2 batch, one process
     model = load_surrogate(runs["pp2"] / "checkpoints" / "step0000001").model.train()
     train = SyntheticFrames(8 * VAL, 2, (64, 64), seed=1234)
@@ -297,9 +303,9 @@ def test_validation_loss_scores_the_whole_split_alike_for_every_layout(runs):
     model = load_surrogate(runs["pp2"] / "checkpoints" / "step0000002").model
     with torch.no_grad():
         by_hand = mse_loss(model(frames, lead), target).item()  # every sample once, all the same size
-    for name in ("pp2", "dp2"):
+    for name, steps in (("pp2", [0, 1, 2]), ("dp2", [2])):
         logged = by_step(metrics(runs[name]), "val_loss")
-        assert sorted(logged) == [2], name  # eval_every=0: only at the end
+        assert sorted(logged) == steps, name
         np.testing.assert_allclose(logged[2], by_hand, rtol=1e-5, err_msg=name)
 
 
@@ -321,11 +327,12 @@ def test_resume_trims_metrics_names_the_tag_and_refuses_damage(runs, tmp_path):
     # a torn last line, as a kill during a write leaves it
     with open(run / "metrics.jsonl", "a") as log:
         log.write('{"step": 3, "lo')
-    result = torchrun(2, run, str(DS_DIR / "dp_fp32.json"), "parallel.pp=2", resume="step0000001")
+    result = torchrun(2, run, str(DS_DIR / "dp_fp32.json"), *PP2, resume="step0000001")
     assert f"megavit-train: resumed from {run / 'checkpoints' / 'step0000001'} at step 1" in result.stderr
-    resumed = metrics(run)  # step 1 as logged, the resume, then step 2 and its validation once each
-    assert [e["step"] for e in original] == [1, 2, 2] and [e["step"] for e in resumed] == [1, 1, 2, 2]
-    assert resumed[:2] == [original[0], {"step": 1, "resumed_from": "step0000001"}]
+    resumed = metrics(run)  # steps 0 and 1 as logged, the resume, then step 2 and its validation once each
+    assert [e["step"] for e in original] == [0, 1, 1, 2, 2]
+    assert resumed[:4] == [*original[:3], {"step": 1, "resumed_from": "step0000001"}]
+    assert [e["step"] for e in resumed[4:]] == [2, 2]
     for key in ("loss", "grad_norm", "lr", "val_loss"):
         np.testing.assert_allclose(by_step(resumed, key)[2], by_step(original, key)[2], rtol=1e-6, err_msg=key)
     mask = os.umask(0)
@@ -335,8 +342,7 @@ def test_resume_trims_metrics_names_the_tag_and_refuses_damage(runs, tmp_path):
     # a truncated model file: one line naming it, from the rank that reads it
     damaged = run / "checkpoints" / "step0000001" / "layer_02-model_00-model_states.pt"
     damaged.write_bytes(damaged.read_bytes()[:200])
-    result = torchrun(2, run, str(DS_DIR / "dp_fp32.json"), "parallel.pp=2", resume="step0000001",
-                      check=False)
+    result = torchrun(2, run, str(DS_DIR / "dp_fp32.json"), *PP2, resume="step0000001", check=False)
     errors = [line for line in result.stderr.splitlines() if line.startswith("megavit-train: error:")]
     assert result.returncode != 0 and errors, result.stderr[-2000:]
     assert f"checkpoint {run / 'checkpoints' / 'step0000001'} cannot be loaded: file {damaged} is truncated" \
