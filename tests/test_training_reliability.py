@@ -26,7 +26,7 @@ from megavit.data import SQGShards, SyntheticFrames
 from megavit.data.shards import META_FILE, save_npz
 from megavit.inference import load_surrogate
 from megavit.model import mse_loss
-from megavit.training.config import TrainConfig, batch_sizes, check_deepspeed_config
+from megavit.training.config import TrainConfig, batch_sizes, check_deepspeed_config, measures_grad_norm
 from megavit.training.schedule import warmup_cosine
 from megavit.training.train import main
 from megavit.training.trainer import micro_batches, validation_batches
@@ -86,6 +86,7 @@ def write_ds(tmp_path: Path, **changes) -> str:
                                                              "pipeline parallelism (parallel.pp=2)"),
     ({"zero_optimization": {"stage": 1, "compute_grad_norm": False}}, [], "zero_optimization.compute_grad_norm="
                                                                           "False in {} is not supported"),
+    ({"zero_optimization": 2}, [], "zero_optimization=2 in {} must be an object"),
     ({"gradient_clipping": -1}, [], "gradient_clipping=-1 in {} is out of range: must be a finite number >= 0"),
     ({"fp16": {"enabled": True}}, [], "fp16.enabled=true in {} is not supported"),
     ({"train_micro_batch_size_per_gpu": None}, [], "{} sets neither train_micro_batch_size_per_gpu nor "
@@ -124,7 +125,10 @@ def test_batch_sizes_follow_deepspeeds_arithmetic():
 def test_every_shipped_deepspeed_json_passes():
     config = load_config(TrainConfig, TINY, ["data.synthetic=true"])
     for path in sorted(DS_DIR.glob("*.json")):
-        check_deepspeed_config(json.loads(path.read_text()), config, str(path))
+        ds = json.loads(path.read_text())
+        check_deepspeed_config(ds, config, str(path))
+        assert measures_grad_norm(ds) == (path.stem != "dp_fp32"), path  # the one without ZeRO or bf16
+    assert measures_grad_norm({"bfloat16": {"enabled": True}})  # DeepSpeed's other name for the section
     with pytest.raises(ConfigError, match="parallel.sequence_parallel=true needs parallel.tp >= 2"):
         load_config(TrainConfig, TINY, ["data.synthetic=true", "parallel.sequence_parallel=true"])
 

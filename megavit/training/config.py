@@ -163,7 +163,9 @@ def check_deepspeed_config(ds_config: dict[str, Any], config: TrainConfig, sourc
         raise ValueError(f"{source} sets neither train_micro_batch_size_per_gpu nor train_batch_size; "
                          f"give train_micro_batch_size_per_gpu (an integer >= 1)")
     zero = ds_config.get("zero_optimization", {})
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
+    if not isinstance(zero, dict):
+        raise ValueError(f"zero_optimization={zero!r} in {source} must be an object such as {{\"stage\": 1}}")
+    stage = zero.get("stage", 0)
     if stage not in ZERO_STAGES:
         raise ValueError(f"zero_optimization.stage={stage!r} in {source} is not supported: must be one of "
                          f"{list(ZERO_STAGES)}")
@@ -171,16 +173,27 @@ def check_deepspeed_config(ds_config: dict[str, Any], config: TrainConfig, sourc
         raise ValueError(f"zero_optimization.stage={stage} in {source} does not work with pipeline parallelism "
                          f"(parallel.pp={config.parallel.pp}): the pipeline engine allows stages "
                          f"{list(PIPELINE_ZERO_STAGES)}; use stage 1, or pp=1 with parallel.engine=plain")
-    if isinstance(zero, dict) and zero.get("compute_grad_norm", True) is not True:
+    if zero.get("compute_grad_norm", True) is not True:
         raise ValueError(f"zero_optimization.compute_grad_norm={zero['compute_grad_norm']!r} in {source} is not "
                          f"supported: the trainer logs the gradient norm; remove the key")
     clipping = ds_config.get("gradient_clipping", 0.0)
     if not isinstance(clipping, int | float) or isinstance(clipping, bool) or not _at_least(0)(clipping):
         raise ValueError(f"gradient_clipping={clipping!r} in {source} is out of range: must be a finite number "
                          f">= 0 (0: no clipping)")
-    if ds_config.get("fp16", {}).get("enabled", False):
+    if _enabled(ds_config, "fp16"):
         raise ValueError(f"fp16.enabled=true in {source} is not supported: train in fp32 or with "
                          f"bf16.enabled=true")
+
+
+def measures_grad_norm(ds_config: dict[str, Any]) -> bool:
+    """Whether DeepSpeed computes the global gradient norm: ZeRO and the bf16 optimizers do, the plain
+    fp32 path does not (the trainer then measures it and clips itself)."""
+    return ds_config.get("zero_optimization", {}).get("stage", 0) > 0 or _enabled(ds_config, "bf16", "bfloat16")
+
+
+def _enabled(ds_config: dict[str, Any], *sections: str) -> bool:
+    """A DeepSpeed section such as ``"bf16": {"enabled": true}`` (under any of its names) is on."""
+    return any(isinstance(ds_config.get(name), dict) and ds_config[name].get("enabled", False) for name in sections)
 
 
 def batch_sizes(ds_config: dict[str, Any], dp: int, source: str) -> tuple[int, int]:

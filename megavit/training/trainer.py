@@ -30,7 +30,7 @@ from megavit.data import SQGShards, SyntheticFrames
 from megavit.model.pipeline import build_pipeline
 from megavit.model.vit import Block, ViT, flops_per_sample, mse_loss
 from megavit.parallel import DeepSpeedMPU, ParallelDims, Topology, sequence_parallel_grad_hooks
-from megavit.training.config import TrainConfig, batch_sizes
+from megavit.training.config import TrainConfig, batch_sizes, measures_grad_norm
 from megavit.training.schedule import warmup_cosine
 
 H100_BF16_PEAK_TFLOPS = 989.0
@@ -141,7 +141,7 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=self._engine_config(ds_config),
             mpu=None if config.uses_pipeline else DeepSpeedMPU(self.topology))
-        if not self._deepspeed_measures_grad_norm(ds_config):
+        if not measures_grad_norm(ds_config):
             optimizer.register_step_pre_hook(lambda *_: self._clip_gradients())
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         self.micro = self.engine.train_micro_batch_size_per_gpu()
@@ -177,18 +177,12 @@ class Trainer:
         Where DeepSpeed measures no gradient norm (no ZeRO, fp32) the trainer clips instead
         (:meth:`_clip_gradients`), so DeepSpeed gets no clipping of its own.
         """
-        if not self._deepspeed_measures_grad_norm(ds_config):
+        if not measures_grad_norm(ds_config):
             ds_config = dict(ds_config, gradient_clipping=0.0)
         if not (self.config.uses_pipeline and self.dims.sp_enabled):
             return ds_config
         pipeline = dict(ds_config.get("pipeline", {}), pipe_partitioned=False, grad_partitioned=False)
         return dict(ds_config, pipeline=pipeline)
-
-    @staticmethod
-    def _deepspeed_measures_grad_norm(ds_config: dict) -> bool:
-        """ZeRO and the bf16 optimizer compute the global gradient norm; DeepSpeed's plain fp32 path does not."""
-        zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-        return zero_stage > 0 or ds_config.get("bf16", {}).get("enabled", False)
 
     def _clip_gradients(self) -> None:
         """Global gradient norm of this step, then clipping to ``gradient_clipping`` (an optimizer pre-step hook).
