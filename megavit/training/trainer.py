@@ -138,10 +138,11 @@ class Trainer:
             s, warmup_steps=config.optim.warmup_steps, total_steps=config.train.steps,
             min_ratio=config.optim.min_lr_ratio))
         self.clipping = float(ds_config.get("gradient_clipping", 0.0))
+        self.own_clipping = not measures_grad_norm(ds_config)  # then _clip_gradients measures and clips
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=self._engine_config(ds_config),
             mpu=None if config.uses_pipeline else DeepSpeedMPU(self.topology))
-        if not measures_grad_norm(ds_config):
+        if self.own_clipping:
             optimizer.register_step_pre_hook(lambda *_: self._clip_gradients())
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         self.micro = self.engine.train_micro_batch_size_per_gpu()
@@ -177,7 +178,7 @@ class Trainer:
         Where DeepSpeed measures no gradient norm (no ZeRO, fp32) the trainer clips instead
         (:meth:`_clip_gradients`), so DeepSpeed gets no clipping of its own.
         """
-        if not measures_grad_norm(ds_config):
+        if self.own_clipping:
             ds_config = dict(ds_config, gradient_clipping=0.0)
         if not (self.config.uses_pipeline and self.dims.sp_enabled):
             return ds_config
