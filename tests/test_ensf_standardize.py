@@ -80,7 +80,25 @@ def test_full_spread_relaxation_keeps_the_forecast_spread_and_the_analysis_mean(
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match=r"filter.stop_time must be in \[0, 1\), got 1.0"):
         EnSF(stop_time=1.0)
+    with pytest.raises(ValueError, match="filter.min_spread must be a finite number >= 0, got -1"):
+        EnSF(min_spread=-1.0)
     with pytest.raises(ValueError, match=r"filter.rtps must be in \[0, 1\], got 1.5"):
         EnSF(rtps=1.5)
     with pytest.raises(ValueError, match="filter.standardize runs on the torch backend"):
         EnSF(standardize=True, backend="triton")
+
+
+def test_a_spread_floor_lets_the_observations_move_a_collapsed_ensemble():
+    """All members equal (a forecast model that contracts them): standardized by their own spread
+    the observations carry no weight; with min_spread they pull the analysis as for any prior of
+    that spread."""
+    forecast = torch.zeros(6, 40, dtype=torch.float64) + 1e-9 * torch.randn(6, 40, dtype=torch.float64,
+                                                                              generator=torch.Generator().manual_seed(0))
+    obs = ObservationOperator("identity", 1.0, torch.arange(40), 40)
+    y = torch.ones(40, dtype=torch.float64)
+    settings = dict(ensemble_size=6, steps=50, standardize=True, stop_time=0.5, backend="torch")
+    stuck = EnSF(**settings).analysis(forecast, y, obs, torch.Generator().manual_seed(1))
+    moved = EnSF(**settings, min_spread=1.0).analysis(forecast, y, obs, torch.Generator().manual_seed(1))
+    assert stuck.mean().abs() < 1e-6
+    assert 0.3 < moved.mean() < 1.0  # between the forecast (0) and the observations (1)
+    assert moved.std(0).mean() > 0.1  # and the members differ again

@@ -20,7 +20,9 @@ products (memory O(N d + N^2), never N x N x d).
 The diffusion has unit scale, so the state's units matter: ``standardize`` runs it on the state
 standardized per variable by the forecast ensemble's mean and spread (the observation operator
 seen through the chain rule, :class:`StandardizedObservations`), ``stop_time`` ends the reverse
-SDE early, and ``rtps`` relaxes the analysis spread towards the forecast's. The SC24 SQG code
+SDE early, and ``rtps`` relaxes the analysis spread towards the forecast's; ``min_spread`` is a
+floor on the spread used to standardize, for forecast models that contract the members (the ViT
+surrogate: its 12-h error, not its members' spread, is the forecast's uncertainty). The SC24 SQG code
 does all three (standardized, stopped at t = 0.5, spread restored); on SQG with 1 K
 observations without them the analysis barely moves from the forecast (docs/results.md).
 
@@ -31,6 +33,7 @@ float32, componentwise operators). :meth:`EnSF.analysis` alone picks between the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -68,6 +71,9 @@ class EnSF:
     # run the reverse SDE on the state standardized per variable by the forecast ensemble's mean and
     # spread (the SC24 SQG code): the diffusion's unit scale then matches the state's; torch backend
     standardize: bool = False
+    # standardize: the least spread assumed per variable (state units), a floor for forecast models
+    # whose members collapse (model error the ensemble does not carry, as additive inflation would)
+    min_spread: float = 0.0
     stop_time: float = 0.0  # the reverse SDE runs from t = 1 down to this time (SC24 SQG: 0.5)
     rtps: float = 0.0  # relaxation of the analysis spread to the forecast's per variable (SC24 SQG: 1)
 
@@ -86,6 +92,8 @@ class EnSF:
             raise ValueError(f"filter.block_elements must be >= 1, got {self.block_elements}")
         if self.likelihood_step not in ("explicit", "semi_implicit"):
             raise ValueError(f"filter.likelihood_step must be explicit or semi_implicit, got {self.likelihood_step!r}")
+        if not (0.0 <= self.min_spread < math.inf):
+            raise ValueError(f"filter.min_spread must be a finite number >= 0, got {self.min_spread}")
         if not 0.0 <= self.stop_time < 1.0:
             raise ValueError(f"filter.stop_time must be in [0, 1), got {self.stop_time}")
         if not 0.0 <= self.rtps <= 1.0:
@@ -106,7 +114,8 @@ class EnSF:
         all-reduces them over ranks.
         """
         if self.standardize:
-            mean, spread = forecast.mean(0), forecast.std(0).clamp_min(torch.finfo(forecast.dtype).tiny)
+            floor = max(self.min_spread, torch.finfo(forecast.dtype).tiny)
+            mean, spread = forecast.mean(0), forecast.std(0).clamp_min(floor)
             standardized = self._analysis((forecast - mean) / spread, y, StandardizedObservations(obs, mean, spread),
                                           noise, sum_over_state)
             analysis = standardized.mul_(spread).add_(mean)
