@@ -138,7 +138,7 @@ def test_training_resumes_from_a_converted_checkpoint_as_from_the_original(runs,
     train(2, ["parallel.tp=1", "parallel.pp=2", f"train.output_dir={tmp_path / 'converted'}", *more])
     logs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
             for run in ("original", "converted")]
-    assert [e["step"] for e in logs[0]] == [3, 4, 4]  # two steps and the final validation
+    assert [e["step"] for e in logs[0]] == [2, 3, 4, 4]  # the resume, two steps and the final validation
     for key in ("loss", "grad_norm", "lr", "val_loss"):
         np.testing.assert_allclose([e[key] for e in logs[1] if key in e], [e[key] for e in logs[0] if key in e],
                                    rtol=1e-5, err_msg=key)
