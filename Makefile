@@ -46,7 +46,7 @@ demo: $(DEMO)/figures/summary.md
 	@echo; echo "== cycled data assimilation ($(DEMO)/figures: rmse_spread.png, maps, spectra)"
 	@cat $(DEMO)/figures/summary.md
 
-$(DEMO_RUN): $(STAMP)
+$(DEMO_RUN): | $(STAMP)
 	$(BIN)/sqg-generate --preset 64 --correct-jacobian --spinup-days $(DEMO_SPINUP_DAYS) --days $(DEMO_DAYS) \
 		--out $@
 
@@ -54,7 +54,7 @@ $(DEMO_SHARDS)/meta.json: $(DEMO_RUN)
 	$(MPIEXEC) $(BIN)/python tools/nc2npy_mpi.py --input $< --out-dir $(DEMO_SHARDS) $(DEMO_SPLIT) --num_shards 4
 
 $(DEMO_VIT)/checkpoints/latest: $(DEMO_SHARDS)/meta.json
-	NUM_PROCS=2 bash launch/train_vit.sh configs/vit/sqg64_demo.yaml data.root=$(DEMO_SHARDS) \
+	NUM_PROCS=2 bash launch/train_vit.sh configs/vit/sqg64_0.9m.yaml data.root=$(DEMO_SHARDS) \
 		train.output_dir=$(DEMO_VIT) train.overwrite=true $(DEMO_TRAIN)
 
 $(DEMO_VIT)/consolidated/megavit.json: $(DEMO_VIT)/checkpoints/latest
