@@ -237,6 +237,21 @@ Nature = Callable[[torch.Tensor, int], torch.Tensor]
 """Advances the nature run over one analysis interval: (state before, cycle) -> state at that cycle's analysis."""
 
 
+def model_error_note(config: CycleConfig) -> str | None:
+    """A line naming the parameters in which the nature run's model and the forecast model of the
+    same kind differ (a model-error experiment, on purpose or not: an SQG run file made with
+    sqgturb's Jacobian against the default forecast model), else None."""
+    truth, forecast = config.truth.model, config.model
+    if type(truth) is not type(forecast) or not dataclasses.is_dataclass(truth):
+        return None
+    differ = [f"{f.name}={getattr(truth, f.name)!r} vs {getattr(forecast, f.name)!r}"
+              for f in dataclasses.fields(truth) if getattr(truth, f.name) != getattr(forecast, f.name)]
+    if not differ:
+        return None
+    return (f"the nature run's {type(truth).__name__} and the forecast model differ ({', '.join(differ)}; truth "
+            f"first): a model-error experiment")
+
+
 def start_nature(config: CycleConfig, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, Nature]:
     """The nature run's initial state and how it advances, from its model or its run file."""
     if config.truth.source == "file":
@@ -368,6 +383,8 @@ def run(config: CycleConfig) -> dict[str, Any]:
     if config.resume:
         progress = resume(config, twin)
     if isinstance(config.filter, EnSF) and (note := config.filter.steep_step_note(twin.obs.sigma)):
+        print(f"da-cycle: note: {note}", file=sys.stderr)
+    if note := model_error_note(config):
         print(f"da-cycle: note: {note}", file=sys.stderr)
     with staged_output(config.output_dir) as staging:
         write_yaml(staging / "config.yaml", to_dict(config))

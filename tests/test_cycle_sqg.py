@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from da_plugin.cycle import CycleConfig, ShockConfig, make_generator, run, shock_schedule
+from da_plugin.cycle import CycleConfig, ShockConfig, make_generator, model_error_note, run, shock_schedule
 from da_plugin.models.sqg import SQG
 from da_plugin.obs import ObsConfig, ObservationOperator
 from megavit.config import ConfigError, load_config
@@ -137,3 +137,12 @@ def test_assimilate_cycles_one_is_a_free_run_after_one_analysis(tmp_path):
         rmse_f, rmse_a = ds["rmse_f"][:], ds["rmse_a"][:]
     assert rmse_a[0] < rmse_f[0]
     np.testing.assert_array_equal(rmse_a[1:], rmse_f[1:])
+
+
+def test_a_truth_model_unlike_the_forecast_model_is_named():
+    same = load_config(CycleConfig, ROOT / "configs/da/sqg_letkf.yaml", SMALL)
+    assert model_error_note(same) is None  # a perfect-model twin
+    differ = load_config(CycleConfig, ROOT / "configs/da/sqg_letkf.yaml",
+                         [*SMALL, "truth.model.name=sqg", "truth.model.N=16", "truth.model.sqgturb_compat=true"])
+    assert model_error_note(differ) == ("the nature run's SQG and the forecast model differ (sqgturb_compat=True vs "
+                                        "False; truth first): a model-error experiment")
