@@ -100,7 +100,11 @@ def rank_parameters(states: dict[str, Any], layout: dict[str, Any], config: ViTC
     if layout["engine"] != "pipeline":
         return names
     stages = layout.get("stages") or stage_boundaries(config, layout["tp"], layout["pp"])
-    stage = mp_rank // layout["tp"]
+    return stage_parameters(names, stages, mp_rank // layout["tp"])
+
+
+def stage_parameters(names: list[str], stages: list[int], stage: int) -> list[str]:
+    """The names among ``names`` (``layers.<i>.*``) whose layer the pipeline stage ``stage`` holds."""
     return [name for name in names if stages[stage] <= layer_of(name) < stages[stage + 1]]
 
 

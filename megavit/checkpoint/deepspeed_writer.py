@@ -32,6 +32,7 @@ from megavit.checkpoint.deepspeed_files import (
     optimizer_file,
     pipeline_layer_file,
     stage_boundaries,
+    stage_parameters,
 )
 from megavit.checkpoint.layout import LATEST
 from megavit.checkpoint.sharding import layer_of, partition_dims, split
@@ -87,7 +88,7 @@ def write_deepspeed(out_dir: Path, state: TrainingState, target: TargetLayout, *
         ranks = [(stage, tp_rank) for stage in range(len(stages) - 1) for tp_rank in range(target.tp)]
         for mp_rank, (stage, tp_rank) in enumerate(tqdm(ranks, desc="ranks", unit="rank", disable=not progress,
                                                         file=sys.stderr)):
-            names = [name for name in dims if stages[stage] <= layer_of(name) < stages[stage + 1]]
+            names = stage_parameters(list(dims), stages, stage)
             _write_rank(tag_dir, state, target, mp_rank, tp_rank, names, dims, with_optimizer)
         layout = dict(state.layout, tp=target.tp, pp=target.pp, dp=target.dp, engine=target.engine,
                       sequence_parallel=target.sequence_parallel and target.tp > 1, optimizer_state=with_optimizer,
