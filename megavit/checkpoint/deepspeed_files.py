@@ -225,7 +225,8 @@ def read_optimizer(tag_dir: Path, layout: dict[str, Any], config: ViTConfig, wei
             rank_step, rank_group = per_param[0]["step"], saved["param_groups"][0]
         else:
             files = [optimizer_file(tag_dir, kind, d, mp_rank) for d in range(dp)]
-            saved = [load_file(path)["optimizer_state_dict"] for path in files]
+            contents = [load_file(path) for path in files]
+            saved = [content["optimizer_state_dict"] for content in contents]
             if len(saved[0]["single_partition_of_fp32_groups"]) != 1:
                 raise CheckpointError(f"{files[0]}: expected one optimizer parameter group")
             slices = {"fp32": [s["single_partition_of_fp32_groups"][0] for s in saved]}
@@ -237,9 +238,8 @@ def read_optimizer(tag_dir: Path, layout: dict[str, Any], config: ViTConfig, wei
             rank_step, rank_group = saved[0]["base_optimizer_state"]["state"][0]["step"], \
                 saved[0]["base_optimizer_state"]["param_groups"][0]
             if template is None:
-                template = load_file(files[0])
-                template["optimizer_state_dict"] = {k: None if k in PER_RANK_ZERO_ENTRIES else v
-                                                    for k, v in saved[0].items()}
+                template = dict(contents[0], optimizer_state_dict={k: None if k in PER_RANK_ZERO_ENTRIES else v
+                                                                   for k, v in saved[0].items()})
                 if any(any(paddings) for paddings in saved[0].get("param_alignment_paddings", [])):
                     raise CheckpointError(f"{files[0]}: ZeRO parameter_alignment padding is not supported")
         step = rank_step if step is None else step
