@@ -5,21 +5,29 @@ Precedence (last wins): dataclass defaults < YAML file < command-line overrides 
 values outside a ``Literal`` set fail with a :class:`ConfigError` that names the dotted key
 and the closest valid spellings. A field whose metadata carries ``registry`` is a
 polymorphic section: its ``name`` key (else the default entry) picks the dataclass (``filter.name: ensf``).
+
+Numbers have one set of rules for every tool: a config value or a command-line option given
+as a float must be finite (NaN never passes; infinity only where a field says so), and a
+field declared with :func:`bounded` (or an argparse option typed with :func:`number`) must lie
+in its :class:`Bound`; the message names the key or option, the value and the allowed range.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -31,6 +39,83 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 class ConfigError(ValueError):
     """A configuration file or override that does not match the schema."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The allowed range of a number: limits inclusive (``ge``/``le``) or strict (``gt``/``lt``).
+
+    Infinity passes only with ``infinite=True`` (and the limits); NaN never does.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    infinite: bool = False
+
+    def holds(self, value: float) -> bool:
+        if math.isnan(value) or (math.isinf(value) and not self.infinite):
+            return False
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def describe(self, integer: bool = False) -> str:
+        """The range in words: ``an integer >= 1``, ``a finite number in [0, 1)``, ``a number > 0 or inf``."""
+        bounded_above = self.le is not None or self.lt is not None
+        kind = "an integer" if integer else "a number" if self.infinite or bounded_above else "a finite number"
+        low = (f"[{_text(self.ge)}" if self.ge is not None else f"({_text(self.gt)}" if self.gt is not None
+               else None)
+        high = (f"{_text(self.le)}]" if self.le is not None else f"{_text(self.lt)})" if self.lt is not None
+                else None)
+        if low and high:
+            text = f"{kind} in {low}, {high}"
+        elif low:
+            text = f"{kind} {'>=' if low[0] == '[' else '>'} {low[1:]}"
+        elif high:
+            text = f"{kind} {'<=' if high[-1] == ']' else '<'} {high[:-1]}"
+        else:
+            text = kind
+        return f"{text} or inf" if self.infinite else text
+
+    def check(self, value: Any, name: str, nullable: bool = False) -> None:
+        """Raise ValueError ``name=value is out of range: must be ...`` unless ``value`` holds (None passes)."""
+        if value is None:
+            return
+        integer = isinstance(value, int) and not isinstance(value, bool)
+        if not self.holds(float(value)):
+            allowed = self.describe(integer) + (", or null" if nullable else "")
+            raise ValueError(f"{name}={value!r} is out of range: must be {allowed}")
+
+
+FINITE = Bound()
+"""Any finite number: the rule for every float without a declared range."""
+
+
+def bounded(default: Any = dataclasses.MISSING, **limits: Any) -> Any:
+    """A dataclass field whose value must satisfy ``Bound(**limits)``, checked when a config is built."""
+    return dataclasses.field(default=default, metadata={"bound": Bound(**limits)})
+
+
+def number(kind: type[int] | type[float] = float, **limits: Any) -> Callable[[str], int | float]:
+    """An argparse ``type=`` for a number in ``Bound(**limits)``: the same rule and words as a config field."""
+    bound = Bound(**limits)
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not bound.holds(float(value)):
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: must be {bound.describe(kind is int)}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _text(limit: float) -> str:
+    return str(int(limit)) if float(limit).is_integer() else str(limit)
 
 
 def registry_field(registry: Mapping[str, type], default: str) -> Any:
@@ -60,14 +145,21 @@ def config_errors(prog: str) -> Iterator[None]:
 def load_mapping(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The YAML file ``path`` (none: empty) with dotted ``key=value`` overrides applied, as plain
     Python containers with interpolations resolved."""
+    if path is not None and Path(path).is_dir():
+        raise ConfigError(f"config file {path} is a directory; give a YAML file")
     try:
         data = OmegaConf.load(path) if path is not None else OmegaConf.create({})
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except (OmegaConfBaseException, ValueError) as err:
-        raise ConfigError(f"cannot parse config file {path}: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except (OmegaConfBaseException, ValueError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot parse config file {path}: {' '.join(str(err).split())}") from None
     if not isinstance(data, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    if path is not None and not data:
+        raise ConfigError(f"config file {path} is empty; give at least one setting (the defaults are not run "
+                          f"silently)")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -95,6 +187,13 @@ def build(schema: type[T], data: Mapping[str, Any], where: str = "") -> T:
             kwargs[name] = _build_from_registry(field.metadata["registry"], field.metadata["default"], value, key)
         else:
             kwargs[name] = _coerce(hints[name], value, key)
+            value = kwargs[name]
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                try:
+                    nullable = type(None) in typing.get_args(hints[name])
+                    field.metadata.get("bound", FINITE).check(value, key, nullable)
+                except ValueError as err:
+                    raise ConfigError(str(err)) from None
     try:
         return schema(**kwargs)
     except (ValueError, TypeError) as err:

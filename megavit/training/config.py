@@ -8,12 +8,10 @@ model, the parallel layout, data, optimizer schedule, run length, logging and ch
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import reduce
 from typing import Any, Literal
 
+from megavit.config import Bound, bounded
 from megavit.model.config import ViTConfig
 
 ZERO_STAGES = (0, 1, 2)
@@ -25,9 +23,9 @@ PIPELINE_ZERO_STAGES = (0, 1)
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
+    tp: int = bounded(1, ge=1)
     """Tensor-parallel ranks (innermost in the rank layout)."""
-    pp: int = 1
+    pp: int = bounded(1, ge=1)
     """Pipeline stages (outermost); dp is the world size / (tp * pp)."""
     sequence_parallel: bool = False
     """Shard the tokens over the TP group outside attention and MLP (needs tp > 1)."""
@@ -44,39 +42,39 @@ class DataConfig:
     """Shard directory written by tools/nc2npy_mpi.py (train/, val/, normalize_*.npz)."""
     synthetic: bool = False
     """Random frames of the model's shape instead of shards (benchmarks, smoke tests)."""
-    lead: int = 1
+    lead: int = bounded(1, ge=1)
     """Frames between input and target (1 = the shard's output interval)."""
-    synthetic_samples: int = 4096
+    synthetic_samples: int = bounded(4096, ge=1)
     """Samples in the synthetic training set (its validation set has 1/8 as many)."""
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4
+    lr: float = bounded(5e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 1e-5
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
+    weight_decay: float = bounded(1e-5, ge=0)
+    warmup_steps: int = bounded(100, ge=0)
+    min_lr_ratio: float = bounded(0.1, ge=0, le=1)
     """Final LR as a fraction of lr, reached at train.steps (cosine decay)."""
 
 
 @dataclass
 class RunConfig:
-    steps: int = 1000
+    steps: int = bounded(1000, ge=1)
     """Optimizer steps."""
     seed: int = 1234
     output_dir: str = "runs/vit"
     """TensorBoard events in output_dir/tensorboard, checkpoints in output_dir/checkpoints."""
-    log_every: int = 10
-    eval_every: int = 100
+    log_every: int = bounded(10, ge=1)
+    eval_every: int = bounded(100, ge=0)
     """Steps between validation passes (0: only at the end)."""
-    eval_batches: int | None = None
+    eval_batches: int | None = bounded(None, ge=1)
     """Cap on each validation pass: score only the first eval_batches x micro-batch x dp samples of
     the val split (then the number depends on that product). None: the whole split, each sample
     once, the same number for every (tp, pp, dp, micro-batch) layout."""
-    save_every: int = 500
+    save_every: int = bounded(500, ge=0)
     """Steps between checkpoints (0: only at the end)."""
-    peak_tflops: float | None = None
+    peak_tflops: float | None = bounded(None, gt=0)
     """Per-device peak for MFU; default 989 (H100 bf16 dense) on CUDA, none on CPU."""
     progress: bool = True
     compile_blocks: bool = False
@@ -105,10 +103,8 @@ class TrainConfig:
         if self.data.root is None and not self.data.synthetic:
             raise ValueError("data.root is not set: give the shard directory (tools/nc2npy_mpi.py) "
                              "or data.synthetic=true")
-        for key, allowed, holds in RANGES:
-            value = reduce(getattr, key.split("."), self)
-            if value is not None and not holds(value):
-                raise ValueError(f"{key}={value!r} is out of range: must be {allowed}")
+        if len(self.optim.betas) != 2 or not all(0 <= beta < 1 for beta in self.optim.betas):
+            raise ValueError(f"optim.betas={self.optim.betas!r} is out of range: must be two numbers in [0, 1)")
         if self.parallel.sequence_parallel and self.parallel.tp == 1:
             raise ValueError("parallel.sequence_parallel=true needs parallel.tp >= 2 (it shards the tokens "
                              "over the TP group), got parallel.tp=1")
@@ -119,34 +115,6 @@ class TrainConfig:
     @property
     def uses_pipeline(self) -> bool:
         return self.parallel.engine == "pipeline" or (self.parallel.engine == "auto" and self.parallel.pp > 1)
-
-
-def _positive(value: float) -> bool:
-    return math.isfinite(value) and value > 0
-
-
-def _at_least(bound: int) -> Callable[[float], bool]:
-    return lambda value: math.isfinite(value) and value >= bound
-
-
-RANGES: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
-    ("parallel.tp", "an integer >= 1", _at_least(1)),
-    ("parallel.pp", "an integer >= 1", _at_least(1)),
-    ("data.lead", "an integer >= 1 (frames)", _at_least(1)),
-    ("data.synthetic_samples", "an integer >= 1", _at_least(1)),
-    ("optim.lr", "a finite number > 0", _positive),
-    ("optim.betas", "two numbers in [0, 1)", lambda betas: all(0 <= b < 1 for b in betas) and len(betas) == 2),
-    ("optim.weight_decay", "a finite number >= 0", _at_least(0)),
-    ("optim.warmup_steps", "an integer >= 0", _at_least(0)),
-    ("optim.min_lr_ratio", "a number in [0, 1]", lambda ratio: 0 <= ratio <= 1),
-    ("train.steps", "an integer >= 1", _at_least(1)),
-    ("train.log_every", "an integer >= 1", _at_least(1)),
-    ("train.eval_every", "an integer >= 0 (0: only at the end)", _at_least(0)),
-    ("train.eval_batches", "an integer >= 1, or null for the whole split", _at_least(1)),
-    ("train.save_every", "an integer >= 0 (0: only at the end)", _at_least(0)),
-    ("train.peak_tflops", "a finite number > 0, or null", _positive),
-)
-"""(dotted key, allowed range in words, test) for every numeric training setting; None passes."""
 
 
 def check_deepspeed_config(ds_config: dict[str, Any], config: TrainConfig, source: str) -> None:
@@ -177,7 +145,7 @@ def check_deepspeed_config(ds_config: dict[str, Any], config: TrainConfig, sourc
         raise ValueError(f"zero_optimization.compute_grad_norm={zero['compute_grad_norm']!r} in {source} is not "
                          f"supported: the trainer logs the gradient norm; remove the key")
     clipping = ds_config.get("gradient_clipping", 0.0)
-    if not isinstance(clipping, int | float) or isinstance(clipping, bool) or not _at_least(0)(clipping):
+    if not isinstance(clipping, int | float) or isinstance(clipping, bool) or not Bound(ge=0).holds(clipping):
         raise ValueError(f"gradient_clipping={clipping!r} in {source} is out of range: must be a finite number "
                          f">= 0 (0: no clipping)")
     if _enabled(ds_config, "fp16"):
