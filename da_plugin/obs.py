@@ -17,6 +17,8 @@ from typing import Literal
 
 import torch
 
+from megavit.config import Bound, bounded, check_bounds
+
 Operator = Literal["identity", "arctan"]
 
 
@@ -25,29 +27,19 @@ class ObsConfig:
     """How the truth is observed at each analysis time."""
 
     operator: Operator = "identity"
-    sigma: float = 1.0  # observation error standard deviation
-    every: int = 1  # forecast model steps between analyses
-    interval: float | None = None  # model time between analyses (SQG, ViT: seconds); set: replaces every
-    stride: int = 1  # every stride-th variable (offset 0); on a (levels, y, x) grid: every stride-th y and x
-    random_fraction: float | None = None  # observe a fixed random subset of this fraction instead
+    sigma: float = bounded(1.0, gt=0)  # observation error standard deviation
+    every: int = bounded(1, ge=1)  # forecast model steps between analyses
+    interval: float | None = bounded(None, gt=0)  # model time between analyses (SQG, ViT: seconds); set: replaces every
+    # every stride-th variable (offset 0); on a (levels, y, x) grid: every stride-th y and x
+    stride: int = bounded(1, ge=1)
+    random_fraction: float | None = bounded(None, gt=0, le=1)  # observe a fixed random subset of this fraction instead
 
     def __post_init__(self) -> None:
-        if not (self.sigma > 0 and math.isfinite(self.sigma)):
-            raise ValueError(f"obs.sigma must be a finite number > 0, got {self.sigma}")
-        if self.every < 1:
-            raise ValueError(f"obs.every must be >= 1 model step, got {self.every}")
-        if self.interval is not None:
-            if not (self.interval > 0 and math.isfinite(self.interval)):
-                raise ValueError(f"obs.interval must be a finite time > 0, got {self.interval}")
-            if self.every != 1:
-                raise ValueError("obs.interval and obs.every are alternatives: set one")
-        if self.stride < 1:
-            raise ValueError(f"obs.stride must be >= 1, got {self.stride}")
-        if self.random_fraction is not None:
-            if not 0 < self.random_fraction <= 1:
-                raise ValueError(f"obs.random_fraction must be in (0, 1], got {self.random_fraction}")
-            if self.stride != 1:
-                raise ValueError("obs.random_fraction and obs.stride > 1 are exclusive: set one")
+        check_bounds(self, "obs")
+        if self.interval is not None and self.every != 1:
+            raise ValueError("obs.interval and obs.every are alternatives: set one")
+        if self.random_fraction is not None and self.stride != 1:
+            raise ValueError("obs.random_fraction and obs.stride > 1 are exclusive: set one")
 
 
 def strided_positions(start: int, stop: int, stride: int) -> range:
@@ -63,8 +55,7 @@ class ObservationOperator:
                  grid_shape: tuple[int, ...] | None = None):
         if operator not in ("identity", "arctan"):
             raise ValueError(f"unknown observation operator {operator!r}; valid: identity, arctan")
-        if not (sigma > 0 and math.isfinite(sigma)):
-            raise ValueError(f"observation sigma must be a finite number > 0, got {sigma}")
+        Bound(gt=0).check(sigma, "observation sigma")
         indices = torch.as_tensor(indices, dtype=torch.long)
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= dim):
             raise ValueError(

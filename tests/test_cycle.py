@@ -64,8 +64,8 @@ def test_same_seed_same_numbers(tmp_path):
     "override, code, message",
     [
         ("filter.ensmble_size=4", 2, "unknown config key 'filter.ensmble_size'; did you mean ensemble_size"),
-        ("obs.sigma=0", 2, "obs.sigma must be a finite number > 0, got 0.0"),
-        ("obs.sigma=-1", 2, "obs.sigma must be a finite number > 0"),
+        ("obs.sigma=0", 2, "obs.sigma=0.0 is out of range: must be a finite number > 0"),
+        ("obs.sigma=-1", 2, "obs.sigma=-1.0 is out of range: must be a finite number > 0"),
         ("model.dim=3", 2, "model.dim must be >= 4"),
         ("filter.name=enfs", 2, "did you mean ensf"),
         ("model.dt=5.0", 1, "non-finite value"),  # the truth blows up: NaN/inf observations

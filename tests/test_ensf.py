@@ -134,9 +134,9 @@ def test_seeded_reproducible_and_members_distinct(prior_score):
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="ensemble_size must be >= 2"):
+    with pytest.raises(ValueError, match=r"filter.ensemble_size=1 is out of range: must be an integer >= 2"):
         EnSF(ensemble_size=1)
-    with pytest.raises(ValueError, match="eps_alpha must be in"):
+    with pytest.raises(ValueError, match=r"filter.eps_alpha=.* is out of range: must be a number in \(0, 1\)"):
         EnSF(eps_alpha=1.5)
     obs = ObservationOperator("identity", 1.0, torch.arange(4), 4)
     y = torch.tensor([0.0, float("nan"), 0.0, 0.0])

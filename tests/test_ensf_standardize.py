@@ -78,11 +78,11 @@ def test_full_spread_relaxation_keeps_the_forecast_spread_and_the_analysis_mean(
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(ValueError, match=r"filter.stop_time must be in \[0, 1\), got 1.0"):
+    with pytest.raises(ValueError, match=r"filter.stop_time=1.0 is out of range: must be a number in \[0, 1\)"):
         EnSF(stop_time=1.0)
-    with pytest.raises(ValueError, match="filter.min_spread must be a finite number >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"filter.min_spread=-1.0 is out of range: must be a finite number >= 0"):
         EnSF(min_spread=-1.0)
-    with pytest.raises(ValueError, match=r"filter.rtps must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"filter.rtps=1.5 is out of range: must be a number in \[0, 1\]"):
         EnSF(rtps=1.5)
     with pytest.raises(ValueError, match="filter.standardize runs on the torch backend"):
         EnSF(standardize=True, backend="triton")

@@ -33,7 +33,6 @@ float32, componentwise operators). :meth:`EnSF.analysis` alone picks between the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -46,6 +45,7 @@ from da_plugin.filters.ensf_fused import check_fusable, fused_reverse_sde, trito
 from da_plugin.filters.ensf_mixture import mixture_mean, whole_state
 from da_plugin.filters.ensf_schedule import Step, reverse_sde_steps, steep_step_factors
 from da_plugin.obs import ObservationOperator
+from megavit.config import bounded, check_bounds
 
 SumOverState = Callable[[torch.Tensor], torch.Tensor]
 
@@ -54,14 +54,15 @@ SumOverState = Callable[[torch.Tensor], torch.Tensor]
 class EnSF:
     """EnSF hyper-parameters; :meth:`analysis` maps a forecast ensemble to an analysis."""
 
-    ensemble_size: int = 20
-    steps: int = 100  # K, Euler-Maruyama steps of the reverse SDE
-    eps_alpha: float = 0.05  # alpha(1) = eps_alpha: how much of x_0 survives at t = 1
-    eps_beta: float = 0.0  # sigma^2(0) = eps_beta; 0 gives sigma^2(t) = t
+    ensemble_size: int = bounded(20, ge=2)
+    steps: int = bounded(100, ge=1)  # K, Euler-Maruyama steps of the reverse SDE
+    eps_alpha: float = bounded(0.05, gt=0, lt=1)  # alpha(1) = eps_alpha: how much of x_0 survives at t = 1
+    eps_beta: float = bounded(0.0, ge=0, lt=1)  # sigma^2(0) = eps_beta; 0 gives sigma^2(t) = t
     damping: Literal["linear", "none"] = "linear"  # h(t) = 1 - t, or h = 1
     prior_score: Literal["one_to_one", "mixture"] = "one_to_one"
-    chunk_size: int = 1 << 20  # state variables per chunk of the mixture's distance products
-    block_elements: int = 1 << 16  # CPU: ensemble entries per block of the elementwise update (cache-sized)
+    chunk_size: int = bounded(1 << 20, ge=1)  # state variables per chunk of the mixture's distance products
+    # CPU: ensemble entries per block of the elementwise update (cache-sized)
+    block_elements: int = bounded(1 << 16, ge=1)
     # torch: one kernel per operation and step; triton: the fused kernel (CUDA, float32, componentwise
     # observations); auto: triton where it can run, else torch
     backend: Literal["auto", "torch", "triton"] = "auto"
@@ -73,31 +74,16 @@ class EnSF:
     standardize: bool = False
     # standardize: the least spread assumed per variable (state units), a floor for forecast models
     # whose members collapse (model error the ensemble does not carry, as additive inflation would)
-    min_spread: float = 0.0
-    stop_time: float = 0.0  # the reverse SDE runs from t = 1 down to this time (SC24 SQG: 0.5)
-    rtps: float = 0.0  # relaxation of the analysis spread to the forecast's per variable (SC24 SQG: 1)
+    min_spread: float = bounded(0.0, ge=0)
+    # the reverse SDE runs from t = 1 down to this time (SC24 SQG: 0.5)
+    stop_time: float = bounded(0.0, ge=0, lt=1)
+    # relaxation of the analysis spread to the forecast's per variable (SC24 SQG: 1)
+    rtps: float = bounded(0.0, ge=0, le=1)
 
     def __post_init__(self) -> None:
-        if self.ensemble_size < 2:
-            raise ValueError(f"filter.ensemble_size must be >= 2, got {self.ensemble_size}")
-        if self.steps < 1:
-            raise ValueError(f"filter.steps must be >= 1, got {self.steps}")
-        if not 0 < self.eps_alpha < 1:
-            raise ValueError(f"filter.eps_alpha must be in (0, 1), got {self.eps_alpha}")
-        if not 0 <= self.eps_beta < 1:
-            raise ValueError(f"filter.eps_beta must be in [0, 1), got {self.eps_beta}")
-        if self.chunk_size < 1:
-            raise ValueError(f"filter.chunk_size must be >= 1, got {self.chunk_size}")
-        if self.block_elements < 1:
-            raise ValueError(f"filter.block_elements must be >= 1, got {self.block_elements}")
+        check_bounds(self, "filter")
         if self.likelihood_step not in ("explicit", "semi_implicit"):
             raise ValueError(f"filter.likelihood_step must be explicit or semi_implicit, got {self.likelihood_step!r}")
-        if not (0.0 <= self.min_spread < math.inf):
-            raise ValueError(f"filter.min_spread must be a finite number >= 0, got {self.min_spread}")
-        if not 0.0 <= self.stop_time < 1.0:
-            raise ValueError(f"filter.stop_time must be in [0, 1), got {self.stop_time}")
-        if not 0.0 <= self.rtps <= 1.0:
-            raise ValueError(f"filter.rtps must be in [0, 1], got {self.rtps}")
         if self.standardize and self.backend == "triton":
             raise ValueError("filter.standardize runs on the torch backend; use filter.backend=auto or torch")
 

@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 
+from megavit.config import bounded, check_bounds
 from megavit.inference import Surrogate, load_surrogate
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -28,11 +29,10 @@ class ViTSurrogate:
 
     checkpoint: str = "runs/vit_tiny/consolidated"  # consolidated directory or checkpoint dir/tag
     precision: Literal["float32", "bfloat16"] = "float32"  # network weights and activations
-    batch_size: int = 64  # frames per forward pass (bounds activation memory)
+    batch_size: int = bounded(64, ge=1)  # frames per forward pass (bounds activation memory)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"model.batch_size must be >= 1, got {self.batch_size}")
+        check_bounds(self, "model")
         if not Path(self.checkpoint).exists():
             raise ValueError(f"model.checkpoint: no checkpoint at {self.checkpoint} (train one with "
                              "launch/train_vit.sh and convert it with tools/convert_checkpoint.py)")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from megavit.config import ConfigError, build, load_mapping
+from megavit.config import ConfigError, bounded, build, check_bounds, load_mapping
 from megavit.model.attention import check_attention_backend
 from megavit.parallel import ParallelDims
 
@@ -18,48 +18,40 @@ class ViTConfig:
 
     image_size: tuple[int, int] = (32, 32)
     """Grid (H, W) of one frame."""
-    patch_size: int = 4
+    patch_size: int = bounded(4, ge=1)
     """Side p of the square patches; H and W must be multiples of it. Tokens T = (H/p)(W/p)."""
-    in_vars: int = 2
+    in_vars: int = bounded(2, ge=1)
     """Variables V per frame: the two SQG boundary levels."""
-    embed_dim: int = 64
+    embed_dim: int = bounded(64, ge=1)
     """Token width D."""
-    num_layers: int = 2
+    num_layers: int = bounded(2, ge=1)
     """Transformer blocks L."""
-    num_heads: int = 4
+    num_heads: int = bounded(4, ge=1)
     """Attention heads (also of the variable aggregation); must divide embed_dim."""
-    mlp_ratio: int = 4
+    mlp_ratio: int = bounded(4, ge=1)
     """MLP hidden width as a multiple of embed_dim."""
-    dropout: float = 0.0
+    dropout: float = bounded(0.0, ge=0, lt=1)
     """Dropout on the MLP hidden features and on both residual branches of every block."""
-    attention_dropout: float = 0.0
+    attention_dropout: float = bounded(0.0, ge=0, lt=1)
     """Dropout on the attention probabilities."""
     attention_backend: Literal["sdpa", "flash", "math"] = "sdpa"
     """sdpa: torch scaled_dot_product_attention (flash/cuDNN/memory-efficient kernels on GPU);
     flash: the flash-attn package (bf16/fp16, GPU); math: explicit softmax(q k^T) v, the reference."""
-    checkpoint_every: int = 0
+    checkpoint_every: int = bounded(0, ge=0)
     """Activation checkpointing: recompute every k-th block (blocks 0, k, 2k, ...) in backward;
     1 = every block, 0 = off."""
 
     def __post_init__(self) -> None:
         check_attention_backend(self.attention_backend)
         self.image_size = tuple(self.image_size)
-        problems = [f"{name} must be >= 1, got {getattr(self, name)}"
-                    for name in ("patch_size", "in_vars", "embed_dim", "num_layers", "num_heads", "mlp_ratio")
-                    if getattr(self, name) < 1]
-        if problems:  # the divisibility checks below need positive sizes
-            raise ValueError("; ".join(problems))
+        check_bounds(self, "model")  # the divisibility checks below need positive sizes
+        problems = []
         if len(self.image_size) != 2 or any(s % self.patch_size for s in self.image_size):
             problems.append(f"image_size={list(self.image_size)} must be two multiples of patch_size={self.patch_size}")
         if self.embed_dim % self.num_heads:
             problems.append(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
         if self.embed_dim % 4:
             problems.append(f"embed_dim={self.embed_dim} must be a multiple of 4 (2-D sin-cos position embedding)")
-        for name in ("dropout", "attention_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.checkpoint_every < 0:
-            problems.append(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if problems:
             raise ValueError("; ".join(problems))
 
