@@ -42,8 +42,8 @@ from torch import Tensor
 from da_plugin.io import write_json
 from da_plugin.models.sqg import SQG
 from da_plugin.models.sqg_truth import model_from_attributes
-from megavit.atomic import staged_output
-from megavit.config import DTYPES
+from megavit.atomic import staged_output, stops_cleanly
+from megavit.config import DTYPES, number
 from megavit.data.shards import META_FILE, SPLITS, SQGShards
 from megavit.data.sqg_netcdf import FrameReader, InputError, Timeline, open_run
 from megavit.inference import COMPUTE_DTYPES, Surrogate, check_device, load_surrogate
@@ -244,9 +244,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     frames.add_argument("--shards", metavar="DIR", help="training shard directory (tools/nc2npy_mpi.py output)")
     frames.add_argument("--run", metavar="RUN.nc", help="SQG netCDF run file instead of shards")
     parser.add_argument("--split", default="test", choices=SPLITS, help="--shards: split to evaluate on (default test)")
-    parser.add_argument("--starts", type=int, default=10, metavar="M", help="start frames (default 10)")
+    parser.add_argument("--starts", type=number(int, ge=1), default=10, metavar="M", help="start frames (default 10)")
     parser.add_argument("--steps", type=int, default=4, metavar="K", help="surrogate lead times (default 4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the start frames' offset (default 0)")
+    parser.add_argument("--seed", type=number(int, ge=0), default=0,
+                        help="seed of the start frames' offset (default 0)")
     parser.add_argument("--output-dir", type=Path, metavar="DIR",
                         help=f"write {JSON_FILE}, {TABLE_FILE} and {PLOT_FILE} here (replacing earlier ones)")
     parser.add_argument("--device", default="cpu", help="torch device for both models (default cpu)")
@@ -256,6 +257,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@stops_cleanly(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """The evaluate-surrogate command: exit status 0, 2 for bad input, 1 if a forecast failed."""
     args = parse_args(argv)

@@ -11,20 +11,108 @@ into place, in two shapes:
 
 Files are fsynced before the rename and get the permissions a plain ``open`` would give them
 (``tempfile`` makes them private to the owner), so a group sharing the filesystem can read them.
+
+A staging directory's name carries its owner (``.staging-PID@HOST-XXXX``): one left behind by a
+killed process (SIGKILL, a node failure) is found by the next :meth:`Staging.create` in the same
+output directory and removed when its process is gone from this host, or reported otherwise; it
+is never published. :func:`interruptible` turns SIGTERM (what ``timeout`` and Slurm send) and
+SIGINT into :class:`Interrupted`, so the cleanup above runs on those exits too.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
+import signal
+import socket
+import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ParamSpec
+
+P = ParamSpec("P")
 
 STAGING_PREFIX = ".staging-"
+_OWNED_STAGING = re.compile(r"^\.staging-(\d+)@(.+)-[^-]+$")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT arrived: raised where the process was, so ``with``/``finally`` cleanup runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal number, the shell's convention for a process ended by a signal."""
+        return 128 + self.signum
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT raise :class:`Interrupted` (main thread only)."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def stops_cleanly(prog: str) -> Callable[[Callable[P, int]], Callable[P, int]]:
+    """Decorate a command's ``main``: SIGTERM and SIGINT end it with one line on stderr and status
+    128 + signal, after the cleanup of whatever they interrupted (staging discarded, temporaries
+    removed), so nothing half-written is published and earlier outputs stay as they were."""
+    def decorate(main: Callable[P, int]) -> Callable[P, int]:
+        @functools.wraps(main)
+        def run(*args: P.args, **kwargs: P.kwargs) -> int:
+            with interruptible():
+                try:
+                    return main(*args, **kwargs)
+                except Interrupted as stop:
+                    print(f"{prog}: stopped by {stop}; nothing was published (earlier outputs are unchanged)",
+                          file=sys.stderr)
+                    return stop.exit_status
+        return run
+    return decorate
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def clear_stale_stagings(out_dir: Path) -> None:
+    """Remove staging directories in ``out_dir`` whose process is gone from this host; report the rest.
+
+    A staging directory of a live process, of another host or of unknown owner is left alone with
+    a note on stderr: it is never published by anyone but its owner.
+    """
+    host = socket.gethostname()
+    for entry in sorted(out_dir.glob(f"{STAGING_PREFIX}*")):
+        owner = _OWNED_STAGING.match(entry.name)
+        if owner and owner[2] == host and not _process_alive(int(owner[1])):
+            shutil.rmtree(entry, ignore_errors=True)
+            print(f"note: removed {entry}, left by process {owner[1]} (killed?); nothing of it was published",
+                  file=sys.stderr)
+        elif owner is None or owner[2] != host or int(owner[1]) != os.getpid():
+            who = f"process {owner[1]} on {owner[2]}" if owner else "an unknown process"
+            print(f"note: {entry} belongs to {who}, still running or elsewhere; left alone (remove it if that "
+                  f"run is dead)", file=sys.stderr)
 
 
 def _umask() -> int:
@@ -91,9 +179,11 @@ class Staging:
         """Make ``out_dir`` if needed and a fresh staging directory inside it."""
         out_dir = Path(out_dir)
         created = not out_dir.exists()
+        if not created:
+            clear_stale_stagings(out_dir)
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
-            path = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir)
+            path = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}@{socket.gethostname()}-", dir=out_dir)
         except OSError as err:
             raise OSError(f"output directory {str(out_dir)!r} is not writable: {err.strerror or err}") from None
         return cls(out_dir, path, created)

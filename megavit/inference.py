@@ -31,10 +31,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from megavit.atomic import atomic_path
+from megavit.atomic import atomic_path, stops_cleanly
 from megavit.checkpoint.convert import read_weights
 from megavit.checkpoint.deepspeed_files import CheckpointError
-from megavit.config import build
+from megavit.config import build, number
 from megavit.data.sqg_netcdf import DAY, InputError, RunWriter, create_run, open_run, read_pv
 from megavit.model.config import ViTConfig
 from megavit.model.vit import ViT
@@ -144,7 +144,7 @@ def parse_forecast_args(argv: Sequence[str] | None = None) -> argparse.Namespace
     when = parser.add_mutually_exclusive_group()
     when.add_argument("--time-index", type=int, default=None, metavar="I",
                       help="index of the initial frame in RUN.nc; negative counts from the end (default 0)")
-    when.add_argument("--day", type=float, default=None, metavar="D",
+    when.add_argument("--day", type=number(float), default=None, metavar="D",
                       help="model day of the initial frame (must be a frame of RUN.nc)")
     parser.add_argument("--steps", type=int, required=True, metavar="K", help="lead times to forecast (>= 1)")
     parser.add_argument("--output", required=True, metavar="OUT.nc", help="forecast file to write")
@@ -237,6 +237,7 @@ def write_forecast(request: ForecastRequest, steps: int, output: str, progress: 
                 writer.write(k, frames.numpy(), request.initial_seconds + k * lead_seconds)
 
 
+@stops_cleanly(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """The megavit-forecast command: exit status 0, 2 for bad input (nothing written), 1 if the forecast failed."""
     args = parse_forecast_args(argv)

@@ -2,7 +2,11 @@
 
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +56,57 @@ def test_publish_puts_everything_back_when_a_rename_fails(tmp_path):
             staging.publish(["a", "b"])
         assert (out / "a").read_text() == "old a" and (out / "b" / "keep").read_text() == "old b"
     assert not [p for p in os.listdir(out) if p.startswith(STAGING_PREFIX)]
+
+
+WRITER = """
+import sys, time
+from megavit.atomic import Staging, interruptible
+out = sys.argv[1]
+with interruptible():
+    try:
+        with Staging.create(out) as staging:
+            staging.file("result.txt").write_text("half-written")
+            print(staging.path, flush=True)
+            time.sleep(60)
+            staging.publish()
+    except KeyboardInterrupt as stop:
+        print(f"stopped by {stop}", file=sys.stderr)
+        sys.exit(stop.exit_status)
+"""
+
+
+def start_writer(out):
+    process = subprocess.Popen([sys.executable, "-c", WRITER, str(out)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    return process, Path(process.stdout.readline().strip())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_terminated_writer_discards_its_staging(tmp_path, signum):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "result.txt").write_text("previous")
+    process, staged = start_writer(out)
+    assert staged.is_dir() and staged.parent == out
+    process.send_signal(signum)
+    assert process.wait(timeout=30) == 128 + signum
+    assert f"stopped by {signal.Signals(signum).name}" in process.stderr.read()
+    assert sorted(os.listdir(out)) == ["result.txt"] and (out / "result.txt").read_text() == "previous"
+
+
+def test_a_killed_writers_staging_is_removed_by_the_next_run_and_never_published(tmp_path, capsys):
+    out = tmp_path / "run"
+    process, killed = start_writer(out)
+    live, running = start_writer(out)  # a second writer, still running: its staging must be left alone
+    process.kill()
+    process.wait()
+    assert killed.is_dir()  # SIGKILL: no cleanup ran
+    with staged_output(out) as staging:
+        (staging / "fresh.txt").write_text("new run")
+    note = capsys.readouterr().err
+    assert f"removed {killed}, left by process {process.pid}" in note
+    assert f"{running} belongs to process {live.pid}" in note
+    assert not killed.exists() and running.is_dir()
+    assert sorted(p for p in os.listdir(out) if not p.startswith(STAGING_PREFIX)) == ["fresh.txt"]
+    live.kill()
+    live.wait()

@@ -9,12 +9,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import netCDF4
 import numpy as np
 import pytest
 
+from megavit.atomic import STAGING_PREFIX
 from megavit.data.moments import Moments, combine_all
 from megavit.data.mpi_tools import PipelineError, SharedStaging
 from megavit.data.preprocess import parse_args
@@ -261,7 +263,7 @@ def test_block_size_option(capsys):
     assert parse_args([*map(str, required), "--block_mb", "0.5"]).block_bytes == 2**19
     with pytest.raises(SystemExit):
         parse_args([*map(str, required), "--block-mb", "0"])
-    assert "--block-mb/--block_mb: expected a positive number of MiB, got '0'" in capsys.readouterr().err
+    assert "--block-mb/--block_mb: '0' is out of range: must be a finite number > 0" in capsys.readouterr().err
 
 
 def test_help():
@@ -343,3 +345,46 @@ def test_failure_on_one_rank_stops_every_rank():
     result = mpiexec(2, "-c", code, timeout=60)
     assert result.returncode == 1
     assert "demo: error: rank 1: rank one cannot read x.nc" in result.stderr
+
+
+@pytest.mark.multiprocess
+def test_a_stopped_rank_ends_the_job_at_the_timeout_instead_of_a_hang():
+    """Rank 1 stops itself (SIGSTOP, as a frozen node would) before a collective: rank 0 gives up after
+    --timeout-s with one line naming the wait, and mpiexec ends the job."""
+    code = ("import os, signal, sys; from mpi4py import MPI\n"
+            "from megavit.data.mpi_tools import PatientComm, on_every_rank, run_tool\n"
+            "comm = PatientComm(MPI.COMM_WORLD, 3.0, 'demo')\n"
+            "def work():\n    if comm.rank == 1: os.kill(os.getpid(), signal.SIGSTOP)\n"
+            "sys.exit(run_tool(comm, lambda: on_every_rank(comm, work), 'demo'))")
+    result = mpiexec(2, "-c", code, timeout=60)
+    assert result.returncode != 0
+    assert "demo: error: rank 0 waited 3 s for the other ranks, which did not arrive" in result.stderr, result.stderr
+
+
+@pytest.mark.multiprocess
+def test_sigterm_to_mpiexec_publishes_nothing_and_leaves_no_staging(data, tmp_path):
+    """SIGTERM (what timeout and Slurm send) during a conversion into an earlier result's directory:
+    every rank cleans up, the earlier files stay as they were, no staging directory is left."""
+    _, pv, _ = data
+    run = write_run(tmp_path / "long.nc", np.concatenate([pv] * 8))  # enough frames to be caught mid-way
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "meta.json").write_text("{}")
+    days = {**DAYS, "end_day": 100 + 8 * FRAMES * HOURS / 24 - 1}
+    command = [MPIEXEC, "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable,
+               f"{TOOLS}/nc2npy_mpi.py", *map(str, nc2npy_args([run], out, days=days)), "--block-mb", "0.01"]
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as process:
+        deadline = time.monotonic() + 60
+        while not any(p.name.startswith(STAGING_PREFIX) for p in out.iterdir()):  # the ranks are writing shards
+            assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        try:
+            _, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail("mpiexec did not end after SIGTERM")
+    assert process.returncode != 0
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json"] and (out / "meta.json").read_text() == "{}", err

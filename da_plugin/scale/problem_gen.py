@@ -29,7 +29,8 @@ from da_plugin.scale.config import ScaleConfig
 from da_plugin.scale.launch import Launch, detect_launch, init_distributed
 from da_plugin.scale.problem import META, write_meta, write_shard
 from da_plugin.scale.slabs import Slab
-from megavit.atomic import Staging
+from megavit.atomic import Staging, stops_cleanly
+from megavit.config import number
 
 PROG = "ensf_problem_gen"
 
@@ -37,21 +38,23 @@ PROG = "ensf_problem_gen"
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dim", type=int, required=True, help="state variables d")
-    parser.add_argument("--steps", type=int, required=True, help="analysis times (cycles) to generate")
-    parser.add_argument("--obs-every", type=int, default=1, help="model steps between analysis times")
-    parser.add_argument("--obs-sigma", type=float, default=0.05, help="observation error std")
+    parser.add_argument("--dim", type=number(int, ge=4), required=True, help="state variables d")
+    parser.add_argument("--steps", type=number(int, ge=1), required=True, help="analysis times (cycles) to generate")
+    parser.add_argument("--obs-every", type=number(int, ge=1), default=1, help="model steps between analysis times")
+    parser.add_argument("--obs-sigma", type=number(float, gt=0), default=0.05, help="observation error std")
     parser.add_argument("--obs-operator", choices=["arctan", "identity"], default="arctan")
-    parser.add_argument("--obs-stride", type=int, default=1, help="observe every stride-th variable")
-    parser.add_argument("--dt", type=float, default=0.005, help="model time step")
-    parser.add_argument("--forcing", type=float, default=8.0)
-    parser.add_argument("--spinup-steps", type=int, default=1000, help="truth steps before t0")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout-s", type=float, default=300.0, help="a silent rank stops the job after this")
+    parser.add_argument("--obs-stride", type=number(int, ge=1), default=1, help="observe every stride-th variable")
+    parser.add_argument("--dt", type=number(float, gt=0), default=0.005, help="model time step")
+    parser.add_argument("--forcing", type=number(float), default=8.0)
+    parser.add_argument("--spinup-steps", type=number(int, ge=0), default=1000, help="truth steps before t0")
+    parser.add_argument("--seed", type=number(int, ge=0), default=0)
+    parser.add_argument("--timeout-s", type=number(float, gt=0), default=300.0,
+                        help="a silent rank stops the job after this")
     parser.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
     return parser.parse_args(argv)
 
 
+@stops_cleanly(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     launch = detect_launch()

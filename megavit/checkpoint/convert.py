@@ -35,6 +35,7 @@ from typing import Any
 from torch import Tensor
 from tqdm import tqdm
 
+from megavit.atomic import stops_cleanly
 from megavit.checkpoint.consolidated import is_consolidated, load_metadata, load_weights, save_consolidated
 from megavit.checkpoint.deepspeed_files import (
     CheckpointError,
@@ -49,7 +50,7 @@ from megavit.checkpoint.deepspeed_files import (
 from megavit.checkpoint.deepspeed_writer import TargetLayout, write_deepspeed
 from megavit.checkpoint.layout import LATEST, read_layout, resolve_tag
 from megavit.checkpoint.sharding import parameter_shapes, partition_dims
-from megavit.config import ConfigError, build
+from megavit.config import ConfigError, build, number
 from megavit.model.config import ViTConfig
 
 
@@ -145,9 +146,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="consolidated: one safetensors file plus megavit.json (default); "
                              "deepspeed: a checkpoint directory for another (tp, pp, dp) layout")
     target = parser.add_argument_group("deepspeed format")
-    target.add_argument("--target-tp", type=int, metavar="N", help="tensor-parallel size (default: the source's)")
-    target.add_argument("--target-pp", type=int, metavar="M", help="pipeline stages (default: the source's)")
-    target.add_argument("--target-dp", type=int, metavar="D",
+    target.add_argument("--target-tp", type=number(int, ge=1), metavar="N",
+                        help="tensor-parallel size (default: the source's)")
+    target.add_argument("--target-pp", type=number(int, ge=1), metavar="M",
+                        help="pipeline stages (default: the source's)")
+    target.add_argument("--target-dp", type=number(int, ge=1), metavar="D",
                         help="data-parallel size (default: the source's; ZeRO splits the optimizer over it)")
     target.add_argument("--target-engine", choices=["pipeline", "plain"],
                         help="DeepSpeed engine (default: the source's; pipeline when --target-pp > 1)")
@@ -177,6 +180,7 @@ def target_layout(args: argparse.Namespace, source: dict[str, Any]) -> TargetLay
                         sequence_parallel=sequence_parallel, partition_method=args.partition_method)
 
 
+@stops_cleanly("convert-checkpoint")
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     output = Path(args.output)

@@ -3,14 +3,17 @@
 `on_root` and `on_every_rank` turn a failure on any rank into a `PipelineError` raised on all of
 them, so no rank is left waiting in a collective; `SharedStaging` lets every rank write into one
 `megavit.atomic.Staging` that rank 0 publishes only after all ranks succeeded; `run_tool` maps
-the outcome to an exit status. Functions take an mpi4py communicator but this module never
-imports MPI, so it can be unit-tested in a plain process. Rules: docs/preprocessing.md.
+the outcome to an exit status (SIGTERM/SIGINT included: staging discarded, one line, 128 +
+signal). `PatientComm` gives every collective a deadline, so a rank that died or stopped ends
+the job with a message instead of a hang. Functions take an mpi4py communicator but this module
+never imports MPI, so it can be unit-tested in a plain process. Rules: docs/preprocessing.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -18,10 +21,14 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from megavit.atomic import Staging
+from megavit.atomic import Interrupted, Staging, interruptible
+from megavit.config import number
 from megavit.data.sqg_netcdf import BLOCK_BYTES, InputError
 
 T = TypeVar("T")
+
+TIMEOUT_S = 900.0
+"""Default of --timeout-s: how long a rank waits in a collective for the others."""
 
 
 class PipelineError(RuntimeError):
@@ -93,17 +100,69 @@ class SharedStaging:
             self.staging.discard()
 
 
+class PatientComm:
+    """The mpi4py communicator ``comm`` with a deadline on its collectives (bcast, gather, allgather).
+
+    Each collective first waits for every rank in a polled non-blocking barrier; a rank that has not
+    arrived within ``timeout_s`` (dead, stopped, hung) makes the waiting ranks print one line and
+    abort the job, so no rank waits forever.
+    """
+
+    def __init__(self, comm: Any, timeout_s: float, prog: str) -> None:
+        self.comm, self.timeout_s, self.prog = comm, timeout_s, prog
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def size(self) -> int:
+        return self.comm.size
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        self._everyone_arrived()
+        return self.comm.bcast(obj, root=root)
+
+    def gather(self, obj: Any, root: int = 0) -> Any:
+        self._everyone_arrived()
+        return self.comm.gather(obj, root=root)
+
+    def allgather(self, obj: Any) -> list[Any]:
+        self._everyone_arrived()
+        return self.comm.allgather(obj)
+
+    def Abort(self, code: int = 1) -> None:  # noqa: N802 (mpi4py's name)
+        self.comm.Abort(code)
+
+    def _everyone_arrived(self) -> None:
+        arrival = self.comm.Ibarrier()
+        deadline = time.monotonic() + self.timeout_s
+        while not arrival.Test():
+            if time.monotonic() > deadline:
+                print(f"{self.prog}: error: rank {self.rank} waited {self.timeout_s:g} s for the other ranks, which "
+                      f"did not arrive (a rank died, was stopped or hangs); aborting the job (--timeout-s sets "
+                      f"the wait)", file=sys.stderr, flush=True)
+                self.comm.Abort(1)
+            time.sleep(0.005)
+
+
 def run_tool(comm: Any, body: Callable[[], None], prog: str) -> int:
     """Run a tool's body on every rank: exit status 0, or 1 on all ranks after a PipelineError.
 
-    Anything else is a bug that may have left ranks waiting in a collective: abort the whole job.
+    SIGTERM or SIGINT ends the rank after its cleanup (rank 0 discards the staging) with one line
+    and 128 + signal. Anything else is a bug that may have left ranks waiting in a collective:
+    abort the whole job.
     """
     try:
-        body()
+        with interruptible():
+            body()
     except PipelineError as error:
         if comm.rank == 0:
             print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
         return 1
+    except Interrupted as stop:
+        print(f"{prog}: rank {comm.rank}: stopped by {stop}; nothing was published", file=sys.stderr, flush=True)
+        return stop.exit_status
     except Exception:
         traceback.print_exc()
         sys.stderr.flush()
@@ -132,12 +191,12 @@ def add_block_option(parser: Any) -> None:
                help=f"move frames in blocks of at most MIB mebibytes per rank (default {BLOCK_BYTES // 2**20})")
 
 
+def add_timeout_option(parser: Any) -> None:
+    """Add --timeout-s S, how long a rank waits for the others in a collective (`PatientComm`)."""
+    add_option(parser, "timeout-s", type=number(float, gt=0), default=TIMEOUT_S, metavar="S",
+               help=f"a rank waiting this long for the others stops the job (default {TIMEOUT_S:g})")
+
+
 def _mebibytes(text: str) -> int:
     """A positive size in MiB, as bytes."""
-    try:
-        size = float(text)
-    except ValueError:
-        size = 0.0
-    if not size > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of MiB, got {text!r}")
-    return round(size * 2**20)
+    return round(number(float, gt=0)(text) * 2**20)

@@ -22,10 +22,13 @@ from typing import Any
 import numpy as np
 
 from megavit.data.moments import Moments, combine_all
+from megavit.config import number
 from megavit.data.mpi_tools import (
+    PatientComm,
     SharedStaging,
     add_block_option,
     add_option,
+    add_timeout_option,
     on_every_rank,
     on_root,
     progress,
@@ -62,9 +65,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_option(parser, "out-dir", required=True, help="output directory (created if missing)")
     for name, meaning in zip(DAY_BOUNDS, ("first day of train", "first day of val, end of train",
                                           "first day of test, end of val", "end of test (exclusive)"), strict=True):
-        add_option(parser, name, type=float, required=True, help=f"{meaning}, in days of the time coordinate")
-    add_option(parser, "num_shards", type=int, required=True, help="shards per split")
+        add_option(parser, name, type=number(float), required=True, help=f"{meaning}, in days of the time coordinate")
+    add_option(parser, "num_shards", type=number(int, ge=1), required=True, help="shards per split")
     add_block_option(parser)
+    add_timeout_option(parser)
     return parser.parse_args(argv)
 
 
@@ -74,8 +78,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if not all(a < b for a, b in pairwise(bounds)):
         raise InputError(f"day bounds must satisfy start_train_day < start_val_day < start_test_day < end_day, "
                          f"got {', '.join(f'{b:g}' for b in bounds)}")
-    if args.num_shards < 1:
-        raise InputError(f"--num_shards must be at least 1, got {args.num_shards}")
     timeline = Timeline.from_runs([open_run(path) for path in expand_inputs(args.input)])
     first, end = timeline.day_range()
     tolerance = timeline.tolerance_days
@@ -153,5 +155,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mpi4py import MPI  # imported here: initializing MPI is the command's business, not the library's
 
     args = parse_args(argv)
-    comm = MPI.COMM_WORLD
+    comm = PatientComm(MPI.COMM_WORLD, args.timeout_s, "nc2npy_mpi")
     return run_tool(comm, lambda: convert(args, comm), "nc2npy_mpi")

@@ -20,10 +20,13 @@ from typing import Any
 import netCDF4
 import numpy as np
 
+from megavit.config import number
 from megavit.data.mpi_tools import (
+    PatientComm,
     SharedStaging,
     add_block_option,
     add_option,
+    add_timeout_option,
     on_every_rank,
     on_root,
     progress,
@@ -54,17 +57,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="netCDF runs, or directories of *.nc")
     length = parser.add_mutually_exclusive_group(required=True)
-    add_option(length, "length-days", type=float, help="days per output file (a whole number of output intervals)")
-    add_option(length, "steps-per-file", type=int, help="frames per output file")
+    add_option(length, "length-days", type=number(float, gt=0), help="days per output file (a whole number of output intervals)")
+    add_option(length, "steps-per-file", type=number(int, ge=1), help="frames per output file")
     add_option(parser, "out-dir", required=True, help="output directory (created if missing)")
     add_block_option(parser)
+    add_timeout_option(parser)
     return parser.parse_args(argv)
 
 
 def plan_pieces(paths: list[str], steps_per_file: int | None, length_days: float | None) -> list[Piece]:
     """Validate every input and cut it into pieces (rank 0 only)."""
-    if steps_per_file is not None and steps_per_file < 1:
-        raise InputError(f"--steps-per-file must be at least 1, got {steps_per_file}")
     pieces = []
     for path in paths:
         run = open_run(path)
@@ -138,5 +140,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mpi4py import MPI  # imported here: initializing MPI is the command's business, not the library's
 
     args = parse_args(argv)
-    comm = MPI.COMM_WORLD
+    comm = PatientComm(MPI.COMM_WORLD, args.timeout_s, "sqg_split_mpi")
     return run_tool(comm, lambda: split(args, comm), "sqg_split_mpi")
