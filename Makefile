@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: demo demo-l96 test test-fast lint bench venv clean data-tiny train-tiny
+.PHONY: demo demo-l96 test test-fast lint bench bench-dapper venv clean data-tiny train-tiny
 
 venv: $(STAMP)
 
@@ -92,6 +92,16 @@ bench: $(STAMP)
 	$(BIN)/python bench/ensf_bench.py
 	$(BIN)/python bench/letkf_bench.py
 	$(BIN)/python bench/da_compare.py
+
+# bench/letkf_vs_dapper.py runs DAPPER 1.7.1 (not a project dependency) from its own venv
+DAPPER_VENV := .venv-dapper
+$(DAPPER_VENV)/.installed:
+	test -x $(DAPPER_VENV)/bin/python || $(PYTHON) -m venv $(DAPPER_VENV)
+	$(DAPPER_VENV)/bin/pip install --quiet dapper==1.7.1
+	touch $@
+
+bench-dapper: $(STAMP) $(DAPPER_VENV)/.installed
+	$(BIN)/python bench/letkf_vs_dapper.py $(BENCH_ARGS)
 
 # a 64x64 SQG truth run (30 days spin-up, 60 days of 3-hourly frames; about 5 minutes on 2 cores)
 # converted into the train/val/test shards the tiny ViT config reads

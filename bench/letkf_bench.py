@@ -18,7 +18,7 @@ import statistics
 import torch
 from timing import add_device_options, selected_devices, timed  # bench/timing.py (scripts run from bench/)
 
-from da_plugin.filters.letkf import LETKF, apply_transform, ensemble_transform
+from da_plugin.filters.letkf import LETKF, apply_weights, ensemble_transform
 from da_plugin.obs import ObservationOperator
 
 
@@ -44,7 +44,7 @@ def loop_analysis(letkf: LETKF, forecast: torch.Tensor, y: torch.Tensor, obs: Ob
         local = neighbours[i]
         mean_weights, transform = ensemble_transform(obs_pert[local].unsqueeze(0), innovation[local].unsqueeze(0),
                                                      (taper[i] / obs.sigma**2).unsqueeze(0))
-        out[:, i:i + 1] = apply_transform(forecast[:, i:i + 1], mean_weights, transform)
+        out[:, i:i + 1] = apply_weights(forecast[:, i:i + 1], transform + mean_weights.unsqueeze(-1))
     return out
 
 

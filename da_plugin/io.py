@@ -36,9 +36,12 @@ class AnalysisWriter:
     """Per-cycle CF-1.8 netCDF record of truth, analysis mean/spread, errors and observations.
 
     ``save_fields=False`` keeps only the scalar time series (for states too large to store
-    every cycle). Fields are stored flat over ``x``; the global attribute ``field_shape`` gives the
-    grid they unflatten to (``[d]`` for Lorenz-96, ``[levels, y, x]`` for SQG). ``shock`` is the
-    standard deviation of the noise added to the truth at each cycle (0: none).
+    every cycle). Records are buffered and written in blocks of consecutive cycles (at most
+    ``BUFFER_BYTES`` of fields, and on :meth:`flush` and :meth:`close`): one netCDF write per
+    cycle cost a third of a 40-variable LETKF cycle. Fields are stored flat over ``x``; the global
+    attribute ``field_shape`` gives the grid they unflatten to (``[d]`` for Lorenz-96,
+    ``[levels, y, x]`` for SQG). ``shock`` is the standard deviation of the noise added to the
+    truth at each cycle (0: none).
     """
 
     SCALARS = {
@@ -49,10 +52,16 @@ class AnalysisWriter:
         "rmse_free": "free-running (no assimilation) ensemble-mean root-mean-square error",
     }
 
+    BUFFER_BYTES = 16 * 2**20
+    MAX_BUFFERED_CYCLES = 256
+
     def __init__(self, path: Path, state_dim: int, obs_index: np.ndarray, save_fields: bool,
                  attributes: dict[str, Any], field_shape: tuple[int, ...] | None = None, units: str = "1",
                  time_units: str = "model time units"):
         self.save_fields = save_fields
+        row_bytes = 4 * (3 * state_dim + len(obs_index)) if save_fields else 64
+        self.buffered_cycles = max(1, min(self.MAX_BUFFERED_CYCLES, self.BUFFER_BYTES // row_bytes))
+        self._rows: list[dict[str, Any]] = []  # consecutive cycles not yet in the file
         import netCDF4  # only writers of analysis files need it (the scale runs on GPU nodes do not)
 
         self.dataset = netCDF4.Dataset(path, "w", format="NETCDF4")
@@ -100,17 +109,29 @@ class AnalysisWriter:
 
     def write(self, cycle: int, time: float, scalars: dict[str, float], shock: float = 0.0,
               fields: dict[str, np.ndarray] | None = None) -> None:
-        """One cycle's record; ``fields`` (truth, analysis_mean, analysis_spread, observation) with save_fields."""
-        ds = self.dataset
-        ds["time"][cycle] = time
-        ds["shock"][cycle] = shock
-        for name in self.SCALARS:
-            ds[name][cycle] = scalars.get(name, np.nan)
+        """One cycle's record; ``fields`` (truth, analysis_mean, analysis_spread, observation) with
+        save_fields. Buffered: in the file after :meth:`flush`."""
+        if self._rows and cycle != self._rows[-1]["cycle"] + 1:
+            self.flush()
+        row = dict(cycle=cycle, time=time, shock=shock, **{name: scalars.get(name, np.nan) for name in self.SCALARS})
         if self.save_fields:
-            for name, values in fields.items():
-                ds[name][cycle] = values
+            row.update({name: np.array(values, dtype=np.float32) for name, values in fields.items()})
+        self._rows.append(row)
+        if len(self._rows) >= self.buffered_cycles:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered cycles into the file, one block per variable."""
+        if not self._rows:
+            return
+        block = slice(self._rows[0]["cycle"], self._rows[-1]["cycle"] + 1)
+        for name in self._rows[0]:
+            if name != "cycle":
+                self.dataset[name][block] = np.stack([row[name] for row in self._rows])
+        self._rows.clear()
 
     def close(self) -> None:
+        self.flush()
         self.dataset.close()
 
 
