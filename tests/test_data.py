@@ -66,3 +66,21 @@ def test_missing_or_mismatched_data_is_named(shards, tmp_path):
 def test_synthetic_frames_are_seeded():
     a, b = SyntheticFrames(4, 2, (8, 8), seed=1), SyntheticFrames(4, 2, (8, 8), seed=1)
     assert torch.equal(a[3][0], b[3][0]) and not torch.equal(a[3][0], a[2][0])
+
+
+def test_a_shard_or_statistics_file_changed_after_writing_is_named_by_its_checksum(shards, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(shards / "shards", copy)
+    shard = copy / "val" / "shard_00001.npy"
+    frames = np.load(shard)
+    np.save(shard, frames + 0.5)  # well-formed, same shape and dtype: only the checksum can tell
+    with pytest.raises(ValueError, match=f"{shard}: checksum mismatch: {copy / 'meta.json'} lists sha256"):
+        SQGShards(copy, "val")
+    assert len(SQGShards(copy, "val", verify_checksums=False)) > 0  # the escape hatch for huge datasets
+    SQGShards(copy, "train")  # the train split is untouched
+    mean = copy / "normalize_mean.npz"
+    mean.write_bytes(mean.read_bytes())  # same bytes: still fine
+    SQGShards(copy, "train")
+    shutil.copy(copy / "normalize_std.npz", mean)  # a valid statistics file, the wrong one
+    with pytest.raises(ValueError, match="normalize_mean.npz: checksum mismatch"):
+        SQGShards(copy, "train")

@@ -18,8 +18,9 @@ from da_plugin.models.sqg import SQG
 from da_plugin.models.sqg_truth import Plan, run
 from megavit import inference
 from megavit.checkpoint.consolidated import save_consolidated
+from megavit.checksum import sha256_of
 from megavit.config import to_dict
-from megavit.data.shards import Shard, metadata, new_shard, write_metadata, write_statistics
+from megavit.data.shards import STATISTICS, Shard, metadata, new_shard, write_metadata, write_statistics
 from megavit.data.sqg_netcdf import DAY, Timeline, open_run
 from megavit.inference import load_surrogate
 from megavit.model.config import ViTConfig
@@ -140,7 +141,9 @@ def test_shard_split_reads_as_one_sequence(files, tmp_path):
     for shard in shards:
         new_shard(tmp_path / shard.name, shard.stop - shard.start, truth.shape[1:])[:] = truth[shard.start:shard.stop]
     write_statistics(tmp_path, truth.mean(axis=(0, 2, 3)), truth.std(axis=(0, 2, 3)), truth.mean(axis=0))
-    write_metadata(tmp_path, metadata(timeline, {"test": (4, 24)}, shards, {}, num_shards=2))
+    written = [shard.name for shard in shards] + list(STATISTICS)
+    write_metadata(tmp_path, metadata(timeline, {"test": (4, 24)}, shards, {}, num_shards=2,
+                                      digests={name: sha256_of(tmp_path / name) for name in written}))
     source = surrogate_eval.shard_source(tmp_path, "test")
     assert source.count == 20 and source.step_seconds == 3600 * FRAME_HOURS
     indices = np.array([0, 9, 10, 19])

@@ -83,6 +83,11 @@ def test_mismatched_or_damaged_shards_are_named(tmp_path):
                     "--spinup-steps", "50", "--out", str(problem)], check=True, timeout=240, capture_output=True)
     with pytest.raises(ValueError, match="seed is 0 but the run is configured with 7"):
         single_process(SMALL + [f"problem_dir={problem}", "seed=7"])
+    # well-formed but different values (the RMSE would change tenfold): the checksum names the file
+    observations = np.load(problem / "obs_00000.npy")
+    np.save(problem / "obs_00000.npy", observations * 1.01)
+    with pytest.raises(ValueError, match=r"obs_00000.npy: checksum mismatch: .*meta.json lists sha256"):
+        single_process(SMALL + [f"problem_dir={problem}"])
     np.save(problem / "truth_00000.npy", np.zeros((4, 100), np.float32))
     with pytest.raises(ValueError, match=r"truth_00000.npy: shape \(4, 100\), expected \(4, 203\)"):
         single_process(SMALL + [f"problem_dir={problem}"])

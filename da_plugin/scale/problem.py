@@ -6,8 +6,9 @@ Layout (written by :mod:`da_plugin.scale.problem_gen`, read by the decomposed ru
     truth_NNNNN.npy   float32 [cycles + 1, slab]: shard N's slab of the truth at t0, then at
                       every analysis time
     obs_NNNNN.npy     float32 [cycles, observed in slab]: the observations of that slab
-    meta.json         the experiment's parameters (PROBLEM_FIELDS) and the shard bounds
-                      "shards": [[start, stop], ...], written last
+    meta.json         the experiment's parameters (PROBLEM_FIELDS), the shard bounds
+                      "shards": [[start, stop], ...] and each file's SHA-256 "sha256":
+                      {name: hex}, verified by every reader of the file; written last
 
 The numbers are those the run computes itself without a problem directory (same seed and
 settings). A reader takes only the columns of its own slab from the shards that overlap it, so
@@ -28,6 +29,7 @@ from da_plugin.obs import ObservationOperator, strided_positions
 from da_plugin.scale.config import ScaleConfig
 from da_plugin.scale.slabs import Slab
 from da_plugin.scale.twin import twin_truth
+from megavit.checksum import sha256_of, verify
 
 META = "meta.json"
 PROBLEM_FIELDS = ("dim", "forcing", "dt", "seed", "spinup_steps", "obs_every", "obs_sigma", "obs_operator",
@@ -49,9 +51,9 @@ def shard_name(kind: str, index: int) -> str:
 # --- writing -------------------------------------------------------------------------------------------------------
 
 def write_shard(config: ScaleConfig, slab: Slab, obs: ObservationOperator, directory: Path,
-                progress: bool = False) -> None:
+                progress: bool = False) -> dict[str, str]:
     """Integrate this rank's slab of the truth (with the other ranks) and stream it, with its
-    observations, into shard ``slab.rank``'s .npy files in ``directory``."""
+    observations, into shard ``slab.rank``'s .npy files in ``directory``; their SHA-256 by name."""
     truth_file = np.lib.format.open_memmap(directory / shard_name("truth", slab.rank), mode="w+", dtype=np.float32,
                                            shape=(config.cycles + 1, slab.size))
     obs_file = np.lib.format.open_memmap(directory / shard_name("obs", slab.rank), mode="w+", dtype=np.float32,
@@ -65,12 +67,15 @@ def write_shard(config: ScaleConfig, slab: Slab, obs: ObservationOperator, direc
     truth_file.flush()
     obs_file.flush()
     del truth_file, obs_file
+    names = (shard_name("truth", slab.rank), shard_name("obs", slab.rank))
+    return {name: sha256_of(directory / name) for name in names}
 
 
-def write_meta(config: ScaleConfig, world: int, path: Path) -> None:
+def write_meta(config: ScaleConfig, world: int, digests: dict[str, str], path: Path) -> None:
     """meta.json of a problem written by ``world`` ranks (shard r holds Slab(dim, r, world))."""
     shards = [[slab.start, slab.stop] for slab in (Slab(config.model.dim, r, world) for r in range(world))]
-    path.write_text(json.dumps(dict(problem_fields(config), shards=shards), indent=1))
+    path.write_text(json.dumps(dict(problem_fields(config), shards=shards, sha256=dict(sorted(digests.items()))),
+                               indent=1))
 
 
 # --- reading -------------------------------------------------------------------------------------------------------
@@ -126,6 +131,7 @@ def _read_columns(root: Path, meta: dict, kind: str, columns: range,
             raise ValueError(f"{path}: cannot read shard ({err})") from None
         if array.shape != (rows, high - low):
             raise ValueError(f"{path}: shape {array.shape}, expected {(rows, high - low)} from meta.json")
+        verify(path, meta.get("sha256", {}).get(path.name), root / META)
         pieces.append(array[:, max(start, low) - low:min(stop, high) - low])
     result = np.concatenate(pieces, axis=1) if pieces else np.empty((rows, 0), np.float32)
     if result.shape[1] != stop - start:

@@ -71,11 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         slab = Slab(args.dim, launch.rank, launch.world)
         staging = shared_staging(out, launch)
         obs, _ = ObservationOperator.slab_from_config(config.obs, args.dim, slab.start, slab.stop)
-        write_shard(config, slab, obs, staging.path, progress=launch.rank == 0)
-        if dist.is_initialized():
-            dist.barrier()
+        mine = write_shard(config, slab, obs, staging.path, progress=launch.rank == 0)
+        digests = [mine]
+        if dist.is_initialized():  # every rank's checksums, for meta.json (also the barrier before it)
+            digests = [None] * launch.world
+            dist.all_gather_object(digests, mine)
         if launch.rank == 0:
-            write_meta(config, launch.world, staging.file(META))
+            write_meta(config, launch.world, {k: v for part in digests for k, v in part.items()}, staging.file(META))
             shards = sorted(path.name for path in staging.path.iterdir() if path.name != META)
             staging.publish(shards + [META])  # meta.json last: a reader finding it finds every shard
             print(f"wrote {launch.world} shards of d={args.dim:,} x {args.steps} analysis times to {out}")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from megavit.data.moments import Moments, combine_all
+from megavit.checksum import sha256_of
 from megavit.config import number
 from megavit.data.mpi_tools import (
     PatientComm,
@@ -114,30 +115,35 @@ def write_shard(reader: FrameReader, shard: Shard, path: str | Path,
     return (combine_all(levels), combine_all(points)) if levels else None
 
 
-def write_my_shards(plan: Plan, staging: SharedStaging, comm: Any,
-                    block_bytes: int) -> dict[int, tuple[Moments, Moments]]:
-    """Write this rank's shards (shard numbers rank, rank + size, ...); return train moments by shard number."""
-    moments = {}
+Written = tuple[dict[int, tuple[Moments, Moments]], dict[str, str]]
+"""What a rank reports of its shards: train moments by shard number, SHA-256 by file name."""
+
+
+def write_my_shards(plan: Plan, staging: SharedStaging, comm: Any, block_bytes: int) -> Written:
+    """Write this rank's shards (shard numbers rank, rank + size, ...) and checksum each."""
+    moments, digests = {}, {}
     with FrameReader(plan.timeline) as reader:
         for number in progress(range(comm.rank, len(plan.shards), comm.size), comm, "shard"):
             shard = plan.shards[number]
             result = write_shard(reader, shard, staging.file(shard.name), block_bytes)
+            digests[shard.name] = sha256_of(staging.file(shard.name))
             if result is not None:
                 moments[number] = result
-    return moments
+    return moments, digests
 
 
-def write_summary(plan: Plan, args: argparse.Namespace, gathered: list[dict[int, tuple[Moments, Moments]]],
-                  staging: SharedStaging) -> None:
+def write_summary(plan: Plan, args: argparse.Namespace, gathered: list[Written], staging: SharedStaging) -> None:
     """Combine the train moments in shard order, write the statistics files and meta.json (rank 0)."""
-    by_shard = {number: moments for part in gathered for number, moments in part.items()}
+    by_shard = {number: moments for part, _ in gathered for number, moments in part.items()}
     ordered = [by_shard[number] for number in sorted(by_shard)]
     levels = combine_all([level for level, _ in ordered])
     points = combine_all([point for _, point in ordered])
     write_statistics(staging.path, mean=levels.mean, std=levels.std, climatology=points.mean)
+    digests = {name: digest for _, part in gathered for name, digest in part.items()}
+    digests.update({name: sha256_of(staging.file(name)) for name in STATISTICS})
     write_metadata(staging.path, metadata(plan.timeline, plan.splits, plan.shards,
                                        days={name: getattr(args, name) for name in DAY_BOUNDS},
-                                       num_shards=args.num_shards))
+                                       num_shards=args.num_shards, digests=digests))
 
 
 def convert(args: argparse.Namespace, comm: Any) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from megavit.checksum import verify
 from megavit.data.sqg_netcdf import DAY, Timeline
 
 HINT = "write the shards with tools/nc2npy_mpi.py (docs/preprocessing.md)"
@@ -78,15 +79,16 @@ def write_statistics(directory: str | Path, mean: np.ndarray, std: np.ndarray, c
 
 
 def metadata(timeline: Timeline, splits: Mapping[str, tuple[int, int]], shards: Sequence[Shard],
-             days: Mapping[str, float], num_shards: int) -> dict[str, Any]:
-    """Everything a reader needs besides the arrays: layout, time step, days, shards, sources.
+             days: Mapping[str, float], num_shards: int, digests: Mapping[str, str]) -> dict[str, Any]:
+    """Everything a reader needs besides the arrays: layout, time step, days, shards, checksums, sources.
 
-    `splits` maps each split to its frames [a, b) of `timeline`; `days` are the day bounds asked for.
+    `splits` maps each split to its frames [a, b) of `timeline`; `days` are the day bounds asked
+    for; `digests` the SHA-256 of every shard and statistics file by relative path.
     """
     first_run = timeline.runs[0]
     entries = {}
     for split, (a, b) in splits.items():
-        listed = [{"file": s.name, "frames": s.stop - s.start, "first_frame": s.start - a,
+        listed = [{"file": s.name, "frames": s.stop - s.start, "first_frame": s.start - a, "sha256": digests[s.name],
                    "time_seconds": [float(timeline.times[s.start]), float(timeline.times[s.stop - 1])]}
                   for s in shards if s.split == split]
         entries[split] = {"frames": b - a, "first_day": float(timeline.days[a]), "shards": listed}
@@ -100,7 +102,8 @@ def metadata(timeline: Timeline, splits: Mapping[str, tuple[int, int]], shards: 
         "days": dict(days),
         "num_shards": num_shards,
         "statistics": {"files": list(STATISTICS), "key": KEY, "split": "train", "dtype": "float64",
-                       "normalize_shape": [timeline.grid[0]], "climatology_shape": list(timeline.grid)},
+                       "normalize_shape": [timeline.grid[0]], "climatology_shape": list(timeline.grid),
+                       "sha256": {name: digests[name] for name in STATISTICS}},
         "splits": entries,
         "sources": [{"path": os.path.abspath(run.path), "frames": len(run.times),
                      "first_day": float(run.times[0] / DAY)} for run in timeline.runs],
@@ -157,10 +160,15 @@ class Normalization:
 
 
 class SQGShards(Dataset):
-    """(input frame, target frame, lead time in hours) from one split's shards, normalized."""
+    """(input frame, target frame, lead time in hours) from one split's shards, normalized.
+
+    With ``verify_checksums`` every shard of the split and the statistics files are read once and
+    compared with the SHA-256 that meta.json lists (directories written before checksums were
+    recorded list none and are not checked).
+    """
 
     def __init__(self, root: str | Path, split: str, lead: int = 1,
-                 image_size: tuple[int, int] | None = None) -> None:
+                 image_size: tuple[int, int] | None = None, verify_checksums: bool = True) -> None:
         self.root = Path(root)
         meta_path = self.root / META_FILE
         if not meta_path.is_file():
@@ -173,6 +181,10 @@ class SQGShards(Dataset):
             raise ValueError(f"{meta_path}: no split {split!r} (found {sorted(meta.get('splits', {}))})")
         if lead < 1:
             raise ValueError(f"lead must be >= 1 frame, got {lead}")
+        if verify_checksums:
+            for name, digest in meta.get("statistics", {}).get("sha256", {}).items():
+                if (self.root / name).is_file():
+                    verify(self.root / name, digest, meta_path)
         self.normalization = Normalization.load(self.root)
         self.split = split
         self.lead = lead
@@ -193,6 +205,8 @@ class SQGShards(Dataset):
             if array.ndim != 4 or array.shape[1:] != shape or array.shape[0] != entry["frames"]:
                 expected = ", ".join(map(str, (entry["frames"], *shape)))
                 raise ValueError(f"{path}: shape {array.shape}, expected ({expected})")
+            if verify_checksums:
+                verify(path, entry.get("sha256"), meta_path)
             self.shards.append(array)
             self.paths.append(path)
         # sample k -> (shard, first frame): every frame with a target `lead` frames later in its shard

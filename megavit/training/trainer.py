@@ -214,8 +214,8 @@ class Trainer:
             return (SyntheticFrames(config.data.synthetic_samples, model.in_vars, model.image_size, config.train.seed),
                     SyntheticFrames(max(1, config.data.synthetic_samples // 8), model.in_vars, model.image_size,
                                     config.train.seed + 1))
-        return tuple(SQGShards(config.data.root, split, config.data.lead, model.image_size)
-                     for split in ("train", "val"))
+        return tuple(SQGShards(config.data.root, split, config.data.lead, model.image_size,
+                               verify_checksums=config.data.verify_checksums) for split in ("train", "val"))
 
     # -- the loop -------------------------------------------------------------------------------
 
