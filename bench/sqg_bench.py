@@ -1,13 +1,20 @@
-"""Benchmark the batched torch SQG model: member-steps per second at 64^2, 128^2 and 256^2.
+"""Benchmark the batched torch SQG model against a NumPy member loop: member-steps per second.
 
 Run:  .venv/bin/python bench/sqg_bench.py            (add --help for options)
 
 Each resolution uses its sqgturb preset (dt, diffusion) and the true Jacobian; the state is a
 spun-up-like field (jet plus noise; the cost of a step does not depend on the flow). A
 measurement is ``SQG.step(x, steps)`` on a batch of members, after one warm-up call (which also
-builds the cached spectral operators), CUDA-synchronized on GPU; the median of ``--repeats``
-runs is reported as ms per step, member-steps per second and simulated days per wall-clock
-second for the whole batch. The default CPU run takes about a minute on 2 cores.
+builds the cached spectral operators and buffers), CUDA-synchronized on GPU; the median of
+``--repeats`` runs is reported as ms per step, member-steps per second and simulated days per
+wall-clock second for the whole batch.
+
+On the CPU each row also times ``NumpySQG``, the same algorithm written plainly in NumPy the way
+sqgturb's model is (one member at a time, ``numpy.fft`` rfft2/irfft2 on the whole padded grid,
+which keep float32 in NumPy >= 2, so both sides run in ``--dtype``), looping over the members,
+and prints torch's member-steps per second over NumPy's. ``--threads`` sets torch's thread count
+(the model shares members out over that many worker threads); NumPy's FFTs are single-threaded.
+The default run takes about two minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -15,33 +22,91 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import numpy as np
 import torch
 from timing import add_device_options, selected_devices, timed  # bench/timing.py (scripts run from bench/)
 
 from da_plugin.models.sqg import SQG
 
+WORK = 320  # member-steps per timed call at 64^2 (scaled by the grid's area at other sizes)
+
+
+class NumpySQG:
+    """The model's step in plain NumPy for one member ``[2, N, N]``: RK4 on rfft2 spectra, the
+    Jacobian from derivatives zero-padded to 3N/2 (true Jacobian, Nyquist modes dropped; no Ekman
+    term, as in the presets: r = 0)."""
+
+    def __init__(self, model: SQG, dtype: np.dtype):
+        if model.r or model.sqgturb_compat:
+            raise ValueError("NumpySQG has no Ekman term and the true Jacobian only")
+        ops = model.operators(torch.float64, "cpu")
+        cdtype = np.complex64 if dtype == np.float32 else np.complex128
+        self.n, self.m, self.dt = model.N, ops.m, model.dt
+        self.ikx, self.iky = (t.numpy().astype(cdtype) for t in (ops.ikx_pad, ops.iky_pad))
+        self.psi_self, self.psi_cross, self.hyperdiff = (
+            t.numpy().astype(dtype) for t in (ops.psi_self, ops.psi_cross, ops.hyperdiff))
+        self.theta_eq_hat, self.relax_rate = ops.theta_eq_hat.numpy().astype(cdtype), ops.relax_rate
+        self.padded = np.zeros((2, 2, self.m, self.m // 2 + 1), cdtype)  # [psi | theta, level]
+
+    def tendency(self, theta_hat: np.ndarray) -> np.ndarray:
+        n, m, h = self.n, self.m, self.n // 2
+        psi_hat = np.stack((self.psi_cross * theta_hat[1] - self.psi_self * theta_hat[0],
+                            self.psi_self * theta_hat[1] - self.psi_cross * theta_hat[0]))
+        for i, spec in enumerate((psi_hat, theta_hat)):
+            self.padded[i, :, :h, :h] = spec[:, :h, :h]
+            self.padded[i, :, m - h + 1:, :h] = spec[:, n - h + 1:, :h]
+        grads = np.fft.irfft2(np.stack((self.ikx * self.padded, self.iky * self.padded)), s=(m, m), norm="forward")
+        product = np.fft.rfft2(grads[0, 0] * grads[1, 1] - grads[1, 0] * grads[0, 1], norm="forward")
+        out = self.relax_rate * (self.theta_eq_hat - theta_hat)
+        out[:, :h, :h] -= product[:, :h, :h]
+        out[:, n - h + 1:, :h] -= product[:, m - h + 1:, :h]
+        return out
+
+    def step(self, x: np.ndarray, steps: int) -> np.ndarray:
+        theta_hat = np.fft.rfft2(x, norm="forward")
+        for _ in range(steps):
+            k1 = self.tendency(theta_hat)
+            k2 = self.tendency(theta_hat + 0.5 * self.dt * k1)
+            k3 = self.tendency(theta_hat + 0.5 * self.dt * k2)
+            k4 = self.tendency(theta_hat + self.dt * k3)
+            theta_hat = self.hyperdiff * (theta_hat + (self.dt / 6) * (k1 + 2 * k2 + 2 * k3 + k4))
+        return np.fft.irfft2(theta_hat, s=(self.n, self.n), norm="forward")
+
+
+def start(model: SQG, members: int) -> torch.Tensor:
+    """Jet plus strong seeded noise, float64 ``[members, 2, N, N]``: a nonlinear, turbulent-like start."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.stack([model.jet() + 10 * model.initial_state(generator, torch.float64) for _ in range(members)])
+
 
 def check(device: torch.device, dtype: torch.dtype) -> None:
-    """Agreement of the timed configuration with a float64 CPU run after 1 day at 64^2 (turbulent start)."""
+    """Agreement of the timed configuration (and of NumpySQG) with a float64 CPU run after 1 day at 64^2."""
     model = SQG.preset(64)
-    x = model.jet() + 10 * model.initial_state(torch.Generator().manual_seed(0), torch.float64)
+    x = start(model, 1)[0]
     reference = model.step(x, 72)
     diff = (model.step(x.to(device=device, dtype=dtype), 72).double().cpu() - reference).abs().max().item()
+    numpy_diff = np.abs(NumpySQG(model, np.float64).step(x.numpy(), 72) - reference.numpy()).max()
     print(f"check 64^2, 1 day ({device.type}, {dtype}): max |theta - float64 CPU| = {diff:.2e} K "
-          f"(theta spans {reference.min():.1f} .. {reference.max():.1f} K)")
+          f"(theta spans {reference.min():.1f} .. {reference.max():.1f} K); NumpySQG float64: {numpy_diff:.2e} K")
 
 
 def bench_row(n: int, members: int, device: torch.device, dtype: torch.dtype, repeats: int) -> str:
-    """One table row: ms per RK4 step of the batch, member-steps/s, simulated days per second."""
+    """One table row: ms per RK4 step of the batch, member-steps/s, days/s; on CPU NumPy's and the ratio."""
     model = SQG.preset(n)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.stack([model.jet() + 10 * model.initial_state(generator, torch.float64) for _ in range(members)])
-    x = x.to(device=device, dtype=dtype)
-    steps = max(1, round(2 * 64**2 / n**2 * 8 / members))  # about the same work per call at every size
+    x64 = start(model, members)
+    x = x64.to(device=device, dtype=dtype)
+    steps = max(1, round(WORK * (64 / n) ** 2 / members))  # per call: about the same work at every size
     ms = statistics.median(timed(lambda: model.step(x, steps), device, repeats)) / steps
     days_per_s = 1e3 / ms * model.dt / 86400
-    return (f"{device.type:>6} {n:>5}^2 {members:>7} {model.dt:>6.0f} {ms:>10.2f} {members * 1e3 / ms:>13.0f} "
-            f"{days_per_s:>10.3g}")
+    row = (f"{device.type:>6} {n:>5}^2 {members:>7} {model.dt:>6.0f} {ms:>10.2f} {members * 1e3 / ms:>14.0f} "
+           f"{days_per_s:>8.3g}")
+    if device.type != "cpu":
+        return row
+    reference = NumpySQG(model, np.dtype(str(dtype).removeprefix("torch.")))
+    states = x64.numpy().astype(reference.hyperdiff.dtype)
+    numpy_ms = statistics.median(timed(lambda: [reference.step(s, steps) for s in states], device, repeats))
+    numpy_rate = members * steps * 1e3 / numpy_ms
+    return row + f" {numpy_rate:>14.0f} {members * 1e3 / ms / numpy_rate:>7.2f}x"
 
 
 def main() -> None:
@@ -53,12 +118,14 @@ def main() -> None:
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype)
+    devices = selected_devices(args)  # applies --threads
     print(f"SQG step (RK4, 3/2-rule dealiasing), dtype={args.dtype}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads")
-    for device in selected_devices(args):
+          f"numpy {np.__version__}, torch CPU threads {torch.get_num_threads()} (NumPy FFT: 1)")
+    for device in devices:
         check(device, dtype)
-        print(f"{'device':>6} {'N':>7} {'members':>7} {'dt s':>6} {'ms/step':>10} {'member-steps/s':>13} "
-              f"{'days/s':>10}   (days/s: simulated days per wall-clock second, whole batch)")
+        print(f"{'device':>6} {'N':>7} {'members':>7} {'dt s':>6} {'ms/step':>10} {'member-steps/s':>14} "
+              f"{'days/s':>8} {'numpy m-s/s':>14} {'ratio':>8}   (days/s: simulated days per wall-clock "
+              "second, whole batch; numpy: NumpySQG looping over the members)")
         for n in args.sizes:
             for members in args.members:
                 print(bench_row(n, members, device, dtype, args.repeats), flush=True)

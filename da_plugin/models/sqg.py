@@ -20,13 +20,15 @@ one (and treats the N/2 Nyquist modes differently); see docs/sqg.md for the deri
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from da_plugin.models.integrate import rk4
 from megavit.data.sqg_netcdf import DAY
 
 SQGTURB_JACOBIAN_FACTOR = 2.25  # (3/2)^2: sqgturb's padded-grid FFT normalization, docs/sqg.md
@@ -119,15 +121,18 @@ class SQG:
         return torch.fft.irfft2(self.operators(dtype, device).theta_eq_hat, s=(self.N, self.N), norm="forward")
 
     def step(self, x: torch.Tensor, steps: int = 1) -> torch.Tensor:
-        """Advance ``x`` (``[..., 2, N, N]``, K) by ``steps`` RK4 steps, in x's dtype and device."""
+        """Advance ``x`` (``[..., 2, N, N]``, K) by ``steps`` RK4 steps, in x's dtype and device.
+
+        Members are integrated in groups (``_Stepper``); on the CPU the groups are shared out over
+        ``torch.get_num_threads()`` worker threads, each running its ops single-threaded.
+        """
         self.check_state(x)
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
-        ops = self.operators(x.dtype, x.device)
-        theta_hat = torch.fft.rfft2(x, norm="forward")
-        for _ in range(steps):
-            theta_hat = rk4_step(theta_hat, ops, self.dt)
-        return torch.fft.irfft2(theta_hat, s=(self.N, self.N), norm="forward")
+        theta_hat = torch.fft.rfft2(x.reshape(-1, *self.state_shape), norm="forward")
+        if steps:
+            theta_hat = _integrate(self, theta_hat, steps)
+        return torch.fft.irfft2(theta_hat, s=(self.N, self.N), norm="forward").reshape(x.shape)
 
     def check_state(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming the expected and found shape or dtype of a state."""
@@ -186,11 +191,6 @@ def tendency(theta_hat: torch.Tensor, ops: SpectralOperators) -> torch.Tensor:
     if ops.ekman is not None:
         out = out + ops.ekman * psi_hat
     return out
-
-
-def rk4_step(theta_hat: torch.Tensor, ops: SpectralOperators, dt: float) -> torch.Tensor:
-    """One RK4 step of ``tendency``, then the hyperdiffusion integrating factor (as sqgturb)."""
-    return ops.hyperdiff * rk4(lambda spec: tendency(spec, ops), theta_hat, dt)
 
 
 def _pad(spec: torch.Tensor, ops: SpectralOperators) -> torch.Tensor:
@@ -283,3 +283,177 @@ def _operators(model: SQG, dtype: torch.dtype, device: torch.device) -> Spectral
         jacobian_factor=SQGTURB_JACOBIAN_FACTOR if model.sqgturb_compat else 1.0,
         keep_nyquist=model.sqgturb_compat,
     )
+
+
+# The time stepper. ``tendency`` above is the readable form; ``step`` runs the same arithmetic in a
+# layout that needs no copies between the grids: the state lives on the 3N/2 grid's spectral rows
+# (each N-grid mode at the row of its wavenumber l, the rows |l| > N/2 zero), columns k <= N/2. Then
+# padding is a multiply by operators that are zero outside the padded set, truncation a multiply
+# by a mask, and the whole RK4 step writes into buffers allocated once per batch size.
+# sqgturb_compat stores the column k = N/2 conjugated: _pad wants its conjugate on the fine grid,
+# and every other operation on that column (relaxation, Ekman, diffusion) is real, so commutes.
+
+GROUP_BYTES = 1 << 20  # members per group: the group's real fields [members, 4, 2, M, M] fill about this
+
+
+@dataclass(frozen=True)
+class _StepOperators:
+    """``SpectralOperators`` recombined on the stepper's ``[M, N//2+1]`` layout (complex: no promotion)."""
+
+    m: int
+    gradients: torch.Tensor  # [source level, d/dx psi | d/dy psi | d/dx theta | d/dy theta, level, M, N//2+1]
+    advection: torch.Tensor  # [M, N//2+1]: -jacobian_factor on the truncated set, else 0
+    linear: torch.Tensor  # [source level, level, M, N//2+1]: relaxation and Ekman, d(theta)/dt per theta
+    forcing: torch.Tensor | None  # [2, M, N//2+1]: theta_eq / tdiab (None without relaxation)
+    hyperdiff: torch.Tensor  # [M, N//2+1]
+
+
+def _rows(ops: SpectralOperators) -> torch.Tensor:
+    """The stepper row of each N-grid spectral row: l >= 0 in place, l < 0 moved down by N/2."""
+    rows = torch.arange(ops.n)
+    return torch.where(rows < ops.n // 2, rows, rows + ops.m - ops.n)
+
+
+def _to_stepper_layout(spec: torch.Tensor, ops: SpectralOperators) -> torch.Tensor:
+    """``[..., N, N//2+1]`` N-grid spectra on the stepper's rows, ``[..., M, N//2+1]`` (zeros between)."""
+    out = spec.new_zeros((*spec.shape[:-2], ops.m, spec.shape[-1]))
+    out[..., _rows(ops).to(spec.device), :] = spec
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _step_operators(model: SQG, dtype: torch.dtype, device: torch.device) -> _StepOperators:
+    ops = _operators(model, torch.float64, torch.device("cpu"))
+    m, h = ops.m, ops.n // 2
+    cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128
+    k, l = ops.ikx_pad[:, : h + 1], ops.iky_pad[:, : h + 1]  # already on the 3N/2 grid's rows
+    low = h if ops.keep_nyquist else h - 1  # as _pad: the rows l = -low .. h-1
+    rows = torch.zeros(m, 1, dtype=torch.bool)
+    rows[:h] = rows[m - low:] = True
+    columns = torch.arange(h + 1) < h
+    padded = rows & (columns | ops.keep_nyquist)  # the modes _pad copies
+    truncated = rows & columns  # the modes _truncate keeps
+    self_, cross = (_to_stepper_layout(t, ops) for t in (ops.psi_self, ops.psi_cross))
+    inversion = torch.stack((torch.stack((-self_, -cross)), torch.stack((cross, self_))))  # [source, level]
+    identity = torch.eye(2, dtype=torch.float64)[:, :, None, None]
+    fields = torch.stack((inversion, identity.expand_as(inversion)), dim=1)  # [source, psi | theta, level]
+    gradients = torch.stack((k * fields, l * fields), dim=2).flatten(1, 2) * padded
+    linear = -ops.relax_rate * identity.expand(2, 2, m, h + 1)
+    if ops.ekman is not None:
+        linear = linear + _to_stepper_layout(ops.ekman, ops) * inversion
+    theta_eq = _to_stepper_layout(ops.theta_eq_hat, ops)
+
+    def complex_(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=cdtype)
+
+    return _StepOperators(
+        m=m, gradients=complex_(gradients), advection=complex_(-ops.jacobian_factor * truncated),
+        linear=complex_(linear), forcing=complex_(ops.relax_rate * theta_eq) if ops.relax_rate else None,
+        hyperdiff=complex_(_to_stepper_layout(ops.hyperdiff, ops)))
+
+
+class _Stepper:
+    """RK4 steps of up to ``members`` states in the stepper layout, in buffers allocated once.
+
+    A step is 4 x (2 ops to the padded gradient spectra, 1 irfft2, 2 ops to the product, 1 rfft2,
+    4 ops to the tendency, 2 RK4 updates), all with ``out=`` or in place.
+    """
+
+    def __init__(self, ops: _StepOperators, dt: float, members: int, dtype: torch.dtype, device: torch.device):
+        self.ops, self.dt = ops, dt
+        m, columns = ops.m, ops.hyperdiff.shape[-1]
+        cdtype = ops.hyperdiff.dtype
+
+        def spectra(*shape: int) -> torch.Tensor:
+            return torch.zeros((members, *shape), dtype=cdtype, device=device)
+
+        self.state, self.stage, self.total, self.rate = (spectra(2, m, columns) for _ in range(4))
+        self.gradient_spectra = spectra(4, 2, m, m // 2 + 1)  # columns past N/2 stay zero
+        self.gradients = torch.empty((members, 4, 2, m, m), dtype=dtype, device=device)
+        self.product = torch.empty((members, 2, m, m), dtype=dtype, device=device)
+        self.product_hat = spectra(2, m, m // 2 + 1)
+
+    def run(self, spec: torch.Tensor, steps: int) -> None:
+        """Advance ``spec`` (``[n, 2, M, N//2+1]``, n <= capacity) by ``steps`` RK4 steps, in place."""
+        n, dt = spec.shape[0], self.dt
+        state, stage, total, rate = self.state[:n], self.stage[:n], self.total[:n], self.rate[:n]
+        state.copy_(spec)
+        for _ in range(steps):  # total = state + dt/6 k1 + dt/3 k2 + dt/3 k3 + dt/6 k4
+            self.tendency(state, rate)
+            torch.add(state, rate, alpha=dt / 6, out=total)
+            for shift, weight in ((dt / 2, dt / 3), (dt / 2, dt / 3), (dt, dt / 6)):
+                torch.add(state, rate, alpha=shift, out=stage)
+                self.tendency(stage, rate)
+                total.add_(rate, alpha=weight)
+            torch.mul(total, self.ops.hyperdiff, out=state)
+        spec.copy_(state)
+
+    def tendency(self, spec: torch.Tensor, out: torch.Tensor) -> None:
+        """``out`` = d(spec)/dt: the dealiased -J(psi, theta), relaxation and Ekman (``tendency``)."""
+        ops, n = self.ops, spec.shape[0]
+        gradient_spectra = self.gradient_spectra[:n, ..., : spec.shape[-1]]
+        torch.mul(ops.gradients[0], spec[:, None, None, 0], out=gradient_spectra)
+        gradient_spectra.addcmul_(ops.gradients[1], spec[:, None, None, 1])
+        gradients, product = self.gradients[:n], self.product[:n]
+        torch.fft.irfft2(self.gradient_spectra[:n], s=(ops.m, ops.m), norm="forward", out=gradients)
+        torch.mul(gradients[:, 0], gradients[:, 3], out=product)  # psi_x theta_y - psi_y theta_x
+        product.addcmul_(gradients[:, 1], gradients[:, 2], value=-1)
+        product_hat = self.product_hat[:n]
+        torch.fft.rfft2(product, norm="forward", out=product_hat)
+        torch.mul(ops.advection, product_hat[..., : spec.shape[-1]], out=out)
+        out.addcmul_(ops.linear[0], spec[:, None, 0])
+        out.addcmul_(ops.linear[1], spec[:, None, 1])
+        if ops.forcing is not None:
+            out.add_(ops.forcing)
+
+
+@functools.lru_cache(maxsize=8)
+def _stepper(model: SQG, dtype: torch.dtype, device: torch.device, members: int, worker: int) -> _Stepper:
+    """The buffers of one worker thread for groups of up to ``members`` (cached: no allocation per call)."""
+    return _Stepper(_step_operators(model, dtype, device), model.dt, members, dtype, device)
+
+
+def _integrate(model: SQG, theta_hat: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` RK4 steps of N-grid spectra ``[members, 2, N, N//2+1]``, in groups of members.
+
+    A group's buffers fill about GROUP_BYTES, so a step stays in cache instead of streaming (and,
+    for large batches, page-faulting) fresh temporaries. On the CPU the groups are shared out over
+    ``torch.get_num_threads()`` worker threads whose ops run single-threaded: the members are
+    independent, so this scales where intra-op threads over small FFTs only add synchronization.
+    Results do not depend on the grouping or the thread count (batched FFTs are per-transform exact).
+    """
+    ops = model.operators(theta_hat.real.dtype, theta_hat.device)
+    dtype, device, h, members = theta_hat.real.dtype, theta_hat.device, model.N // 2, theta_hat.shape[0]
+    spec = _to_stepper_layout(theta_hat, ops)
+    if ops.keep_nyquist:
+        spec[..., h].conj_physical_()  # see the note above _StepOperators
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    per_member = 8 * ops.m**2 * spec.real.element_size()
+    groups = spec.split(min(max(1, GROUP_BYTES // per_member), math.ceil(members / threads)))
+    workers = min(threads, len(groups))
+    steppers = [_stepper(model, dtype, device, groups[0].shape[0], w) for w in range(workers)]
+
+    def work(worker: int) -> None:
+        for group in groups[worker::workers]:
+            steppers[worker].run(group, steps)
+
+    with _single_threaded_ops() if device.type == "cpu" else contextlib.nullcontext():
+        if workers == 1:
+            work(0)
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(work, range(workers)))
+    if ops.keep_nyquist:
+        spec[..., h].conj_physical_()
+    return spec[..., _rows(ops).to(device), :]
+
+
+@contextlib.contextmanager
+def _single_threaded_ops() -> Iterator[None]:
+    """torch's intra-op threads set to 1 for the duration (the SQG workers are the parallelism)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
