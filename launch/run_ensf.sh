@@ -28,11 +28,12 @@ fi
 if ! "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / ranks > 0 ? $(nproc) / ranks : 1 ))}
 fi
+source "$here/launch/report_errors.sh"
 case $launcher in
-  torchrun) exec "$python" -m torch.distributed.run --standalone --nproc_per_node "$ranks" \
+  torchrun) run_reporting_errors "$python" -m torch.distributed.run --standalone --nproc_per_node "$ranks" \
               -m da_plugin.scale "$config" "$@" ;;
   mpiexec)  mpiexec_bin=$(dirname "$python")/mpiexec; [ -x "$mpiexec_bin" ] || mpiexec_bin=mpiexec
             root_flags=$([ "$(id -u)" = 0 ] && echo "--allow-run-as-root --oversubscribe" || true)
-            exec "$mpiexec_bin" $root_flags -n "$ranks" "$python" -m da_plugin.scale "$config" "$@" ;;
+            run_reporting_errors "$mpiexec_bin" $root_flags -n "$ranks" "$python" -m da_plugin.scale "$config" "$@" ;;
   *) echo "run_ensf.sh: unknown launcher '$launcher' (torchrun or mpiexec)" >&2; exit 2 ;;
 esac

@@ -36,4 +36,5 @@ if [ -n "${DS_ENV:-}" ]; then tr ' ' '\n' <<<"$DS_ENV" >"$root/.deepspeed_env"; 
 launcher=("$bin/deepspeed" --master_port "${MASTER_PORT:-29500}")
 if [ -n "${HOSTFILE:-}" ]; then launcher+=(--hostfile "$HOSTFILE" --num_gpus "$procs"); else launcher+=(--num_gpus "$procs"); fi
 cd "$root"
-exec "${launcher[@]}" megavit/training/train.py "$config" "${overrides[@]}" "${extra[@]}"
+source "$root/launch/report_errors.sh"
+run_reporting_errors "${launcher[@]}" megavit/training/train.py "$config" "${overrides[@]}" "${extra[@]}"

