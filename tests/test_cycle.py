@@ -128,3 +128,30 @@ def test_kalman_filters_cycle_on_the_40_variable_benchmark(tmp_path, name):
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rmse_a"] < 0.3 and summary["rmse_free"] > 2.0
+
+
+def test_divergence_is_reported(tmp_path, capsys):
+    """A filter worse than the free run (EnSF, 6 members, a truth barely off its fixed point) is
+    flagged in the summary and on stderr; without a free run it cannot be judged."""
+    short = ["cycles=10", "burn_in=0", "spinup_steps=50"]
+    code, out = run_cli(tmp_path, *short, "filter.ensemble_size=6")
+    summary = json.loads((out / "summary.json").read_text())
+    assert code == 0 and summary["rmse_a"] > summary["rmse_free"] and summary["diverged"] is True
+    assert "the filter diverged" in capsys.readouterr().err
+    assert json.loads((run_cli(tmp_path, name="good")[1] / "summary.json").read_text())["diverged"] is False
+    alone = run_cli(tmp_path, *short, "free_run=false", name="alone")[1]
+    assert json.loads((alone / "summary.json").read_text())["diverged"] is None
+
+
+def test_buffered_analysis_file_equals_cycle_by_cycle(tmp_path, monkeypatch):
+    """analysis.nc written in blocks of 7 cycles holds what one write per cycle does."""
+    from da_plugin.io import AnalysisWriter
+
+    monkeypatch.setattr(AnalysisWriter, "MAX_BUFFERED_CYCLES", 1)
+    one = run_cli(tmp_path, name="one")[1]
+    monkeypatch.setattr(AnalysisWriter, "MAX_BUFFERED_CYCLES", 7)
+    blocks = run_cli(tmp_path, name="blocks")[1]
+    with netCDF4.Dataset(one / "analysis.nc") as a, netCDF4.Dataset(blocks / "analysis.nc") as b:
+        assert len(b["time"]) == 30
+        for name in ("time", "truth", "analysis_mean", "analysis_spread", "observation", "rmse_a", "rmse_free"):
+            np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from da_plugin.filters import ETKF, LETKF, EnKF
-from da_plugin.filters.letkf import gaspari_cohn
+from da_plugin.filters.letkf import gaspari_cohn, grid_coordinates, inverse_sqrt_newton
 from da_plugin.obs import ObservationOperator
 
 
@@ -22,8 +22,11 @@ def gc_reference(distance: float, c: float) -> float:
     return 0.0
 
 
-def letkf_point_loop(forecast, y, obs_index, sigma, grid_shape, radius, rho):
-    """LETKF one grid point at a time (Hunt et al. 2007, steps 1-8), identity observations."""
+def letkf_point_loop(forecast, y, obs_index, sigma, grid_shape, radius, rho, centres=None):
+    """LETKF one grid point at a time (Hunt et al. 2007, steps 1-8), identity observations.
+
+    ``centres``: per point, (grid point, factor) pairs: the point's analysis is then the
+    factor-weighted sum of the analyses with the weights of those points (weight interpolation)."""
     xb = forecast.numpy().astype(np.float64)  # [N, d]
     members, dim = xb.shape
     xbar = xb.mean(0)
@@ -35,9 +38,9 @@ def letkf_point_loop(forecast, y, obs_index, sigma, grid_shape, radius, rho):
     coords = np.stack(np.unravel_index(np.arange(dim), grid_shape), 1)
     horizontal = coords if len(grid_shape) == 1 else coords[:, -2:]
     periods = np.array(grid_shape[-horizontal.shape[1]:])
-    out = np.empty_like(xb)
-    for point in range(dim):
-        delta = np.abs(horizontal[obs_index] - horizontal[point])
+
+    def weights(centre):
+        delta = np.abs(horizontal[obs_index] - horizontal[centre])
         delta = np.minimum(delta, periods - delta)
         dist = np.sqrt((delta**2).sum(1))
         local = np.flatnonzero(dist < 2 * c)
@@ -48,7 +51,12 @@ def letkf_point_loop(forecast, y, obs_index, sigma, grid_shape, radius, rho):
         lam, Q = np.linalg.eigh((members - 1) * Pa)
         Wa = Q @ np.diag(np.sqrt(lam)) @ Q.T
         wa = Pa @ C @ (y.numpy()[local] - ybar[local])
-        out[:, point] = xbar[point] + X[point] @ (Wa + wa[:, None])
+        return Wa + wa[:, None]
+
+    out = np.empty_like(xb)
+    for point in range(dim):
+        pairs = [(point, 1.0)] if centres is None else centres[point]
+        out[:, point] = sum(factor * (xbar[point] + X[point] @ weights(centre)) for centre, factor in pairs)
     return torch.from_numpy(out)
 
 
@@ -116,18 +124,76 @@ def test_etkf_and_enkf_match_the_kalman_filter_for_a_large_ensemble():
         torch.testing.assert_close(torch.cov(analysis.T), cov, rtol=0, atol=0.1)
 
 
-@pytest.mark.parametrize(
-    "grid_shape, obs_index, radius",
-    [((30,), torch.arange(0, 30, 3), 2.5), ((2, 6, 8), torch.tensor([0, 5, 9, 17, 30, 44, 50, 61, 70, 83, 95]), 1.2)],
-)
-def test_batched_letkf_equals_point_loop(grid_shape, obs_index, radius):
+GRIDS = [((30,), torch.arange(0, 30, 3), 2.5),
+         ((2, 6, 8), torch.tensor([0, 5, 9, 17, 30, 44, 50, 61, 70, 83, 95]), 1.2)]
+
+
+@pytest.mark.parametrize("solver", ["eigh", "newton"])
+@pytest.mark.parametrize("grid_shape, obs_index, radius", GRIDS)
+def test_batched_letkf_equals_point_loop(grid_shape, obs_index, radius, solver):
     dim = math.prod(grid_shape)
     forecast = ensemble(7, dim, seed=3)
     obs = ObservationOperator("identity", 0.8, obs_index, dim, grid_shape)
     y = obs(forecast.mean(0)) + 0.5
-    f = LETKF(ensemble_size=7, localization_radius=radius, inflation=1.1, batch_size=13)
+    f = LETKF(ensemble_size=7, localization_radius=radius, inflation=1.1, batch_size=13, solver=solver)
     expected = letkf_point_loop(forecast, y, obs_index.numpy(), 0.8, grid_shape, radius, 1.1)
     torch.testing.assert_close(f.analysis(forecast, y, obs), expected, rtol=1e-9, atol=1e-9)
+
+
+def periodic_linear(size, stride):
+    """Per index of a periodic axis, the analysed indices (multiples of stride) and linear factors."""
+    analysed = list(range(0, size, stride))
+    pairs = []
+    for i in range(size):
+        left = (i // stride) * stride
+        right = analysed[(i // stride + 1) % len(analysed)]
+        span = (right - left) % size or size
+        pairs.append([(left, 1 - (i - left) / span), (right, (i - left) / span)])
+    return pairs
+
+
+@pytest.mark.parametrize("stride", [2, 4])
+@pytest.mark.parametrize("grid_shape, obs_index, radius", GRIDS)
+def test_weight_interpolation_equals_interpolated_point_loop(grid_shape, obs_index, radius, stride):
+    """With analysis_stride k every point's analysis is the (bi)linear, periodic interpolation of the
+    analyses it gets with the weights of the analysed points around it (every k-th per axis)."""
+    dim = math.prod(grid_shape)
+    forecast = ensemble(7, dim, seed=4)
+    obs = ObservationOperator("identity", 0.8, obs_index, dim, grid_shape)
+    y = obs(forecast.mean(0)) + 0.5
+    horizontal = grid_shape[-2:]
+    axes = [periodic_linear(n, stride) for n in horizontal]
+    centres = []
+    for point in range(dim):
+        coords = np.unravel_index(point, grid_shape)[-len(horizontal):]
+        level = point - np.ravel_multi_index(coords, horizontal)  # the first point of this level's slab
+        pairs = [((), 1.0)]
+        for axis, coord in enumerate(coords):
+            pairs = [(c + (a,), f * g) for c, f in pairs for a, g in axes[axis][coord]]
+        centres.append([(level + int(np.ravel_multi_index(c, horizontal)), f) for c, f in pairs])
+    expected = letkf_point_loop(forecast, y, obs_index.numpy(), 0.8, grid_shape, radius, 1.1, centres)
+    f = LETKF(ensemble_size=7, localization_radius=radius, inflation=1.1, batch_size=5, analysis_stride=stride)
+    torch.testing.assert_close(f.analysis(forecast, y, obs), expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-11), (torch.float32, 1e-4)])
+def test_newton_inverse_square_root_against_eigendecomposition(dtype, tolerance):
+    """Condition numbers 1 to 1e4 (a cycle's are below 20): Z = (a / s)^-1/2 to rounding (about
+    condition number x eps)."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.linalg.qr(torch.randn(6, 12, 12, generator=gen, dtype=torch.float64))[0]
+    lam = 3.0 * torch.logspace(0, 4, 12, dtype=torch.float64) ** torch.linspace(0, 1, 6, dtype=torch.float64)[:, None]
+    a = (q * lam[:, None, :]) @ q.mT
+    root, scale = inverse_sqrt_newton(a.to(dtype), lower=3.0)
+    expected = (q * (lam / scale.squeeze(-1).double()).rsqrt()[:, None, :]) @ q.mT
+    error = (root.double() - expected).abs().amax((-2, -1)) / expected.abs().amax((-2, -1))
+    assert error.max() < tolerance
+
+
+def test_grid_coordinates_match_numpy():
+    flat = torch.arange(0, 2 * 6 * 8, 5)
+    expected = np.stack(np.unravel_index(flat.numpy(), (2, 6, 8)), 1)
+    np.testing.assert_array_equal(grid_coordinates(flat, (2, 6, 8)).numpy(), expected)
 
 
 def test_inflation_variants_hand_computed():
@@ -158,6 +224,10 @@ def test_bad_input():
         ETKF(inflation=0.9)
     with pytest.raises(ValueError, match="at most one"):
         LETKF(rtps=0.5, rtpp=0.5)
+    with pytest.raises(ValueError, match="solver must be one of eigh, newton, got 'qr'"):
+        LETKF(solver="qr")
+    with pytest.raises(ValueError, match="analysis_stride must be >= 1"):
+        LETKF(analysis_stride=0)
     with pytest.raises(ValueError, match=r"observed indices must lie in \[0, 40\), found \[3, 45\]"):
         ObservationOperator("identity", 1.0, torch.tensor([3, 45]), 40)
     obs = ObservationOperator("identity", 1.0, torch.arange(40), 40)
