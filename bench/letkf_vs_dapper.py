@@ -46,7 +46,7 @@ RADIUS = RADIUS_DAPPER * 1.82 / math.sqrt(10.0 / 3.0)
 INFLATION = INFL_DAPPER**2
 MEMBERS, SEED, BURN_IN = 20, 3000, 200
 # cycles per size: (DAPPER, project) for the full run; --quick runs 40 variables only, 600 cycles
-CYCLES = {40: (2200, 2200), 400: (400, 2200), 4000: (20, 500), 40000: (5, 60)}
+CYCLES = {40: (2200, 2200), 400: (400, 2200), 4000: (20, 500), 40000: (5, 20)}
 
 
 def dapper_run(dim: int, cycles: int, batch: int) -> dict[str, float]:

@@ -22,8 +22,9 @@ def _tendency(left2: torch.Tensor, left1: torch.Tensor, x: torch.Tensor, right1:
 
 
 def tendency(x: torch.Tensor, forcing: float) -> torch.Tensor:
-    """dx/dt for periodic states ``x`` of shape ``[..., d]``."""
-    return _tendency(x.roll(2, -1), x.roll(1, -1), x, x.roll(-1, -1), forcing)
+    """dx/dt for periodic states ``x`` of shape ``[..., d]`` (one periodic pad instead of three rolls:
+    the same arithmetic in fewer tensor operations)."""
+    return haloed_tendency(torch.cat([x[..., -HALO_LEFT:], x, x[..., :HALO_RIGHT]], dim=-1), forcing)
 
 
 def haloed_tendency(haloed: torch.Tensor, forcing: float) -> torch.Tensor:
