@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from da_plugin.models import MODELS, SQG
+from da_plugin.models import MODELS, SQG, sqg
+from da_plugin.models.integrate import rk4
 from da_plugin.models.sqg import invert, jacobian, tendency
 
 INVISCID = {"tdiab": math.inf, "diff_efold": math.inf, "r": 0.0}
@@ -288,6 +289,47 @@ def test_batched_equals_one_at_a_time_and_seeded_runs_repeat():
     single = model.step(states.float(), 10)
     assert single.dtype == torch.float32
     torch.testing.assert_close(single.double(), batched, rtol=0, atol=1e-3)
+
+
+def reference_step(model: SQG, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` RK4 steps written plainly: the readable ``tendency``, fresh tensors, then hyperdiffusion."""
+    ops = model.operators(x.dtype, "cpu")
+    spec = torch.fft.rfft2(x, norm="forward")
+    for _ in range(steps):
+        spec = ops.hyperdiff * rk4(lambda s: tendency(s, ops), spec, model.dt)
+    return torch.fft.irfft2(spec, s=(model.N, model.N), norm="forward")
+
+
+@pytest.mark.parametrize("model", [SQG(N=16, r=2.0, tdiab=5 * 86400.0, dt=3600.0),
+                                   SQG(N=16, r=1.0, symmetric=False, sqgturb_compat=True, dt=1800.0),
+                                   SQG(N=18, sqgturb_compat=True, diff_efold=3600.0)])
+def test_step_buffers_equal_the_plain_rk4_of_the_tendency(model):
+    """The stepper (own layout, in-place buffers, conjugated compat column) against ``reference_step``,
+    on states with Nyquist content (the modes each mode treats specially) and extra batch dimensions."""
+    x = model.jet() + smooth_field(model, seed=7, batch=(2, 3), kmax=model.N // 2)
+    expected = reference_step(model, x, 5)
+    assert (expected - x).abs().max() > 0.1  # it moved
+    torch.testing.assert_close(model.step(x, 5), expected, rtol=0, atol=1e-12 * expected.abs().max())
+    torch.testing.assert_close(model.step(x.float(), 5).double(), expected, rtol=0, atol=1e-4 * expected.abs().max())
+
+
+def test_groups_of_members_over_worker_threads_give_the_same_numbers(monkeypatch):
+    model = SQG(N=32, sqgturb_compat=True)
+    x = torch.stack([model.jet() + smooth_field(model, seed) for seed in range(5)])
+    expected = reference_step(model, x, 3)
+    threads = torch.get_num_threads()
+    one_thread = model.step(x, 3) if threads == 1 else None
+    torch.set_num_threads(2)  # two worker threads
+    try:
+        two_threads = model.step(x, 3)
+        assert torch.get_num_threads() == 2  # restored after the step
+        monkeypatch.setattr(sqg, "GROUP_BYTES", 1)  # one member per group
+        grouped = model.step(x, 3)
+    finally:
+        torch.set_num_threads(threads)
+    assert one_thread is None or torch.equal(one_thread, two_threads)  # the thread count changes nothing
+    torch.testing.assert_close(grouped, expected, rtol=0, atol=1e-12 * expected.abs().max())
+    torch.testing.assert_close(two_threads, expected, rtol=0, atol=1e-12 * expected.abs().max())
 
 
 def test_initial_state_and_registry():

@@ -124,15 +124,18 @@ class SQG:
         """Advance ``x`` (``[..., 2, N, N]``, K) by ``steps`` RK4 steps, in x's dtype and device.
 
         Members are integrated in groups (``_Stepper``); on the CPU the groups are shared out over
-        ``torch.get_num_threads()`` worker threads, each running its ops single-threaded.
+        ``torch.get_num_threads()`` worker threads, each running its ops single-threaded, so the
+        numbers do not depend on the thread count.
         """
         self.check_state(x)
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
-        theta_hat = torch.fft.rfft2(x.reshape(-1, *self.state_shape), norm="forward")
-        if steps:
-            theta_hat = _integrate(self, theta_hat, steps)
-        return torch.fft.irfft2(theta_hat, s=(self.N, self.N), norm="forward").reshape(x.shape)
+        workers = torch.get_num_threads() if x.device.type == "cpu" else 1
+        with _single_threaded_ops() if x.device.type == "cpu" else contextlib.nullcontext():
+            theta_hat = torch.fft.rfft2(x.reshape(-1, *self.state_shape), norm="forward")
+            if steps:
+                theta_hat = _integrate(self, theta_hat, steps, workers)
+            return torch.fft.irfft2(theta_hat, s=(self.N, self.N), norm="forward").reshape(x.shape)
 
     def check_state(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming the expected and found shape or dtype of a state."""
@@ -413,36 +416,35 @@ def _stepper(model: SQG, dtype: torch.dtype, device: torch.device, members: int,
     return _Stepper(_step_operators(model, dtype, device), model.dt, members, dtype, device)
 
 
-def _integrate(model: SQG, theta_hat: torch.Tensor, steps: int) -> torch.Tensor:
+def _integrate(model: SQG, theta_hat: torch.Tensor, steps: int, workers: int) -> torch.Tensor:
     """``steps`` RK4 steps of N-grid spectra ``[members, 2, N, N//2+1]``, in groups of members.
 
-    A group's buffers fill about GROUP_BYTES, so a step stays in cache instead of streaming (and,
-    for large batches, page-faulting) fresh temporaries. On the CPU the groups are shared out over
-    ``torch.get_num_threads()`` worker threads whose ops run single-threaded: the members are
-    independent, so this scales where intra-op threads over small FFTs only add synchronization.
-    Results do not depend on the grouping or the thread count (batched FFTs are per-transform exact).
+    On the CPU a group's buffers fill about GROUP_BYTES, so a step stays in cache instead of
+    streaming (and, for large batches, page-faulting) fresh temporaries, and the groups are shared
+    out over up to ``workers`` threads (the caller makes torch's ops single-threaded): the members
+    are independent, so this scales where intra-op threads over small FFTs only add synchronization.
+    The grouping depends on the problem's size only; between groupings the numbers agree to
+    rounding (vectorized loops round their tails differently). A GPU gets one group.
     """
     ops = model.operators(theta_hat.real.dtype, theta_hat.device)
-    dtype, device, h, members = theta_hat.real.dtype, theta_hat.device, model.N // 2, theta_hat.shape[0]
+    dtype, device, h = theta_hat.real.dtype, theta_hat.device, model.N // 2
     spec = _to_stepper_layout(theta_hat, ops)
     if ops.keep_nyquist:
         spec[..., h].conj_physical_()  # see the note above _StepOperators
-    threads = torch.get_num_threads() if device.type == "cpu" else 1
     per_member = 8 * ops.m**2 * spec.real.element_size()
-    groups = spec.split(min(max(1, GROUP_BYTES // per_member), math.ceil(members / threads)))
-    workers = min(threads, len(groups))
+    groups = spec.split(max(1, GROUP_BYTES // per_member)) if device.type == "cpu" else (spec,)
+    workers = min(workers, len(groups))
     steppers = [_stepper(model, dtype, device, groups[0].shape[0], w) for w in range(workers)]
 
     def work(worker: int) -> None:
         for group in groups[worker::workers]:
             steppers[worker].run(group, steps)
 
-    with _single_threaded_ops() if device.type == "cpu" else contextlib.nullcontext():
-        if workers == 1:
-            work(0)
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(work, range(workers)))
+    if workers == 1:
+        work(0)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(work, range(workers)))
     if ops.keep_nyquist:
         spec[..., h].conj_physical_()
     return spec[..., _rows(ops).to(device), :]
@@ -450,7 +452,7 @@ def _integrate(model: SQG, theta_hat: torch.Tensor, steps: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _single_threaded_ops() -> Iterator[None]:
-    """torch's intra-op threads set to 1 for the duration (the SQG workers are the parallelism)."""
+    """torch's intra-op threads set to 1 for the duration (SQG's worker threads are the parallelism)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
