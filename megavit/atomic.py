@@ -68,6 +68,24 @@ def interruptible() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+def check_output_dir(out_dir: str | Path, run_files: Sequence[str], overwrite: bool) -> None:
+    """Before any work: refuse ``out_dir`` if it holds a run (any of ``run_files``) unless
+    ``overwrite``, and make sure it can be written (it, or the nearest existing parent), so a long
+    run does not end with results it cannot store. Raises OSError naming the directory."""
+    out_dir = Path(out_dir)
+    found = [name for name in run_files if (out_dir / name).exists()]
+    if found and not overwrite:
+        raise OSError(f"output directory {out_dir} already holds a run ({', '.join(found)}); choose another "
+                      f"output_dir or pass overwrite=true to replace it")
+    existing = next(parent for parent in (out_dir, *out_dir.parents) if parent.exists())
+    if not existing.is_dir():
+        raise OSError(f"output directory {out_dir}: {existing} is not a directory")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        raise OSError(f"output directory {out_dir} is not writable ({existing}: {err.strerror or err})") from None
+
+
 def stops_cleanly(prog: str) -> Callable[[Callable[P, int]], Callable[P, int]]:
     """Decorate a command's ``main``: SIGTERM and SIGINT end it with one line on stderr and status
     128 + signal, after the cleanup of whatever they interrupted (staging discarded, temporaries

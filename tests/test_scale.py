@@ -18,6 +18,7 @@ from conftest import free_port
 from da_plugin.scale import problem_gen
 from da_plugin.scale.config import ScaleConfig
 from da_plugin.scale.launch import Launch, detect_launch, init_distributed
+from da_plugin.scale.run import main as scale_main
 from da_plugin.scale.run import run
 from megavit.config import load_config
 
@@ -165,3 +166,58 @@ def test_srun_without_a_rendezvous_address_says_what_to_export(monkeypatch):
     assert launch == Launch(1, 4, 1, "srun")
     with pytest.raises(ValueError, match="srun started 4 ranks but MASTER_ADDR is not set"):
         init_distributed(launch, "gloo", timeout_s=5)
+
+
+def test_an_existing_run_or_an_unwritable_directory_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text('{"rmse_a": 0.5}')
+    argv = [str(CONFIG), *SMALL, f"output_dir={out}"]
+    assert scale_main(argv) == 1
+    assert "already holds a run (summary.json); choose another output_dir or pass overwrite=true" in \
+        capsys.readouterr().err
+    assert (out / "summary.json").read_text() == '{"rmse_a": 0.5}'
+    assert scale_main([*argv, "overwrite=true"]) == 0
+    assert json.loads((out / "summary.json").read_text())["rmse_a"] > 0
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert scale_main([str(CONFIG), *SMALL, f"output_dir={locked / 'run'}"]) == 1
+        assert "is not writable" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert scale_main([str(CONFIG), *SMALL, f"output_dir={blocker / 'run'}"]) == 1
+    assert f"{blocker} is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_problem_generation_publishes_nothing_and_its_leftovers_are_not_reused(tmp_path, signum):
+    """Kill the generator while it writes shards; SIGTERM cleans up itself, SIGKILL leaves a staging
+    directory that the next run removes; the next run's problem is complete and reads back."""
+    out = tmp_path / "problem"
+    generate = [sys.executable, str(ROOT / "tools/ensf_problem_gen.py"), "--dim", "203", "--steps", "3",
+                "--spinup-steps", "50", "--out", str(out)]
+    slow = [*generate[:-2], "--steps", "4000", "--out", str(out)]  # long enough to be caught mid-way
+    process = subprocess.Popen(slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 60
+    while not (out.exists() and any(out.iterdir())):
+        assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    if signum == signal.SIGTERM:
+        assert process.returncode == 128 + signum
+        assert err.strip().splitlines()[-1].startswith("ensf_problem_gen: stopped by SIGTERM; nothing was published")
+        assert not out.exists()  # created by the stopped run, removed with its staging
+        return
+    leftovers = list(out.iterdir())
+    assert [p.name.startswith(".staging-") for p in leftovers] == [True] and not (out / "meta.json").exists()
+    # the rerun into the same directory removes the dead process's staging and publishes only its own files
+    result = subprocess.run(generate, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert f"removed {leftovers[0]}, left by process {process.pid}" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "obs_00000.npy", "truth_00000.npy"]
+    computed = single_process(SMALL)
+    assert single_process(SMALL + [f"problem_dir={out}"])["rmse_a"] == pytest.approx(computed["rmse_a"], rel=1e-6)

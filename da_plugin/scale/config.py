@@ -25,6 +25,7 @@ class ScaleConfig:
     timeout_s: float = bounded(300.0, gt=0)  # a rank silent this long (dead, hung) stops the job with an error
     forecast_chunk: int = bounded(4, ge=1)  # members integrated together (bounds the RK4 temporaries at d = 1e8)
     output_dir: str = "runs/ensf_scale"
+    overwrite: bool = False  # replace the outputs of an earlier run in output_dir (else refused before any work)
     progress: bool = True
     model: Lorenz96 = field(default_factory=lambda: Lorenz96(dim=1_000_000, dt=0.005))
     # every obs.stride-th variable every obs.every model steps (a random subset would need the whole state)

@@ -29,7 +29,7 @@ from da_plugin.scale.config import ScaleConfig
 from da_plugin.scale.launch import Launch, detect_launch, init_distributed
 from da_plugin.scale.problem import META, write_meta, write_shard
 from da_plugin.scale.slabs import Slab
-from megavit.atomic import Staging, stops_cleanly
+from megavit.atomic import Staging, clear_stale_stagings, stops_cleanly
 from megavit.config import number
 
 PROG = "ensf_problem_gen"
@@ -65,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              obs=ObsConfig(operator=args.obs_operator, sigma=args.obs_sigma, every=args.obs_every,
                                            stride=args.obs_stride))
         out = Path(args.out)
+        if out.exists():  # a killed generation's staging is removed, a running one's kept (and refused below)
+            clear_stale_stagings(out)
         if out.exists() and any(out.iterdir()):  # every rank checks before the rendezvous, so before rank 0 stages
             raise ValueError(f"--out {out} exists and is not empty; choose a new directory")
         init_distributed(launch, "gloo", args.timeout_s)

@@ -34,10 +34,11 @@ from da_plugin.scale.launch import Launch, detect_launch, init_distributed, loca
 from da_plugin.scale.problem import read_problem
 from da_plugin.scale.slabs import Slab, rk4_step, slab_analysis
 from da_plugin.scale.twin import initial_ensemble, twin_truth
-from megavit.atomic import staged_output
+from megavit.atomic import check_output_dir, staged_output, stops_cleanly
 from megavit.config import DTYPES, config_errors, load_config, to_dict
 
 PROG = "da_plugin.scale"
+OUTPUTS = ("summary.json", "config.yaml")
 
 
 def run(config: ScaleConfig, launch: Launch) -> dict:
@@ -128,6 +129,7 @@ def _summary(config: ScaleConfig, launch: Launch, device: torch.device, history:
                 seconds_per_forecast=timings[1].item(), peak_gpu_gib_max_rank=timings[2].item(), history=history)
 
 
+@stops_cleanly(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(ScaleConfig, args.config, args.overrides)
     launch = detect_launch()
     try:
+        check_output_dir(config.output_dir, OUTPUTS, config.overwrite)
         summary = run(config, launch)
     except (ValueError, OSError, FloatingPointError) as err:
         print(f"{PROG}: rank {launch.rank}: error: {err}", file=sys.stderr)
@@ -153,8 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if launch.rank == 0:
         with staged_output(config.output_dir) as staging:
-            write_json(staging / "summary.json", summary)
-            write_yaml(staging / "config.yaml", to_dict(config))
+            write_json(staging / OUTPUTS[0], summary)
+            write_yaml(staging / OUTPUTS[1], to_dict(config))
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
     if dist.is_initialized():
         dist.destroy_process_group()
