@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from da_plugin.models.sqg import PRESETS, SQG, invert
 from megavit.atomic import atomic_file
-from megavit.config import DTYPES
+from megavit.config import DTYPES, number
 from megavit.data.sqg_netcdf import DAY, FrameReader, InputError, RunWriter, Timeline, check_run, create_run, open_run
 
 TITLE = "SQG turbulence truth run (da_plugin.models.sqg)"
@@ -82,15 +82,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      epilog="See the module docstring and docs/sqg.md for the file layout.")
     parser.add_argument("--preset", type=int, default=64, choices=sorted(PRESETS),
                         help="resolution N; sets sqgturb's dt and diff_efold for it (default 64)")
-    parser.add_argument("--days", type=float, default=300.0, help="days saved after the spin-up (default 300)")
-    parser.add_argument("--spinup-days", type=float, default=100.0,
+    parser.add_argument("--days", type=number(float, gt=0), default=300.0,
+                        help="days saved after the spin-up (default 300)")
+    parser.add_argument("--spinup-days", type=number(float, ge=0), default=100.0,
                         help="days run before the first frame (default 100)")
-    parser.add_argument("--output-interval-hours", type=float, default=3.0,
+    parser.add_argument("--output-interval-hours", type=number(float, gt=0), default=3.0,
                         help="hours between frames (default 3, as sqgturb; the coupled DA cycles every 12)")
-    parser.add_argument("--dt", type=float, help="time step (s) instead of the preset's (it must divide the output "
-                        "interval); e.g. 600 at 64^2 if sqgturb's 1200 s breaks RK4 stability, see docs/sqg.md")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
-    parser.add_argument("--members", type=int, default=1, help="independent runs integrated as one batch (default 1)")
+    parser.add_argument("--dt", type=number(float, gt=0),
+                        help="time step (s) instead of the preset's (it must divide the output interval); "
+                        "e.g. 600 at 64^2 if sqgturb's 1200 s breaks RK4 stability, see docs/sqg.md")
+    parser.add_argument("--seed", type=number(int, ge=0), default=0, help="seed of the initial noise (default 0)")
+    parser.add_argument("--members", type=number(int, ge=1), default=1,
+                        help="independent runs integrated as one batch (default 1)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model precision (default float32)")
     parser.add_argument("--correct-jacobian", action="store_true",
@@ -100,7 +103,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     parser.add_argument("--diagnose", type=Path, nargs="+", metavar="FILE",
                         help="instead of running: print theta std and KE-spectrum slope of FILE(s)")
-    parser.add_argument("--from-day", type=float, default=50.0, help="--diagnose: frames at t >= this day (default 50)")
+    parser.add_argument("--from-day", type=number(float), default=50.0,
+                        help="--diagnose: frames at t >= this day (default 50)")
     parser.add_argument("--plot", type=Path, help="--diagnose: write the KE spectra to this PNG")
     args = parser.parse_args(argv)
     if args.diagnose is None and args.out is None:

@@ -102,8 +102,11 @@ def load_meta(root: Path, config: ScaleConfig) -> dict:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"problem_dir {root}: no meta.json (write one with tools/ensf_problem_gen.py)") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list):
+        raise ValueError(f"{path}: expected an object with the problem's fields and \"shards\" "
+                         f"(tools/ensf_problem_gen.py writes it), found {type(meta).__name__}")
     expected = problem_fields(config)
     for key in PROBLEM_FIELDS:
         if meta.get(key) != expected[key]:

@@ -65,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              obs=ObsConfig(operator=args.obs_operator, sigma=args.obs_sigma, every=args.obs_every,
                                            stride=args.obs_stride))
         out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a directory")
         if out.exists():  # a killed generation's staging is removed, a running one's kept (and refused below)
             clear_stale_stagings(out)
         if out.exists() and any(out.iterdir()):  # every rank checks before the rendezvous, so before rank 0 stages
