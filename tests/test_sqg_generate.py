@@ -66,3 +66,19 @@ def test_a_run_written_from_python_reads_back(tmp_path):
         check_run(path, {**identity, "seed": 4}, 8)
     with pytest.raises(InputError, match=r"expected pv\(t, 2, 16, 16\)"):
         check_run(path, identity, 16)
+
+
+def test_resume_and_diagnose_refuse_a_file_cut_short(tmp_path):
+    """A run file truncated on disk (a copy cut short, a full disk): both name the file instead of
+    appending after zero-filled frames or averaging missing ones."""
+    out = tmp_path / "run.nc"
+    assert generate("--days", "2", "--out", str(out)).returncode == 0
+    with open(out, "r+b") as handle:
+        handle.truncate(out.stat().st_size - 20000)
+    before = out.read_bytes()
+    resumed = generate("--days", "3", "--out", str(out), "--resume")
+    assert resumed.returncode == 2 and "Traceback" not in resumed.stderr
+    assert resumed.stderr.strip().splitlines()[-1].startswith(f"sqg_generate: error: {out}: "), resumed.stderr
+    assert out.read_bytes() == before  # nothing appended
+    diagnosed = generate("--diagnose", str(out), "--from-day", "0")
+    assert diagnosed.returncode == 2 and str(out) in diagnosed.stderr.strip().splitlines()[-1], diagnosed.stderr

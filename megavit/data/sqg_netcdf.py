@@ -89,7 +89,11 @@ def check_run(path: str | Path, identity: Mapping[str, Any], n: int) -> int:
                              + "; ".join(differ))
         if "pv" not in ds.variables or ds.variables["pv"].shape[1:] != (LEVELS, n, n):
             raise InputError(f"{path}: expected pv(t, {LEVELS}, {n}, {n})")
-        return len(ds.dimensions["t"])
+        frames = len(ds.dimensions["t"])
+        if frames:  # the content, not only the header: a file cut short holds fill values at its end
+            _read_times(ds, str(path))
+            read_pv(ds.variables["pv"], frames - 1, frames, str(path))
+        return frames
 
 
 def _same(a: Any, b: Any) -> bool:
