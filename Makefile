@@ -35,7 +35,7 @@ DEMO_RUN := $(DEMO)/sqg64_run.nc
 DEMO_SHARDS := $(DEMO)/shards
 DEMO_VIT := $(DEMO)/vit
 DEMO_DA_RUNS := sqg_vit_ensf sqg_ensf sqg_letkf sqg_free_vit sqg_free
-DEMO_DA := cycles=$(DEMO_CYCLES) burn_in=0 restart_every=0 free_run=false truth.source=file \
+DEMO_DA := cycles=$(DEMO_CYCLES) burn_in=0 restart_every=0 free_run=false overwrite=true truth.source=file \
 	truth.path=$(DEMO_RUN) truth.start_day=$(DEMO_START_DAY)
 MPIEXEC := $(BIN)/mpiexec --allow-run-as-root --oversubscribe -n 2
 # one torch thread per process: the SQG model and the tiny ViT are faster so on 2 cores (issue #18)

@@ -45,9 +45,10 @@ from da_plugin.models.sqg import SQG
 from da_plugin.models.sqg_truth import model_from_attributes
 from da_plugin.obs import ObsConfig, ObservationOperator
 from da_plugin.plotting import plot_error_series
-from megavit.atomic import staged_output
-from megavit.config import DTYPES, config_errors, load_config, registry_field, to_dict
+from megavit.atomic import check_output_dir, staged_output, stops_cleanly
+from megavit.config import DTYPES, bounded, check_bounds, config_errors, load_config, registry_field, to_dict
 from megavit.data.sqg_netcdf import DAY, open_run, read_pv
+from megavit.inference import check_device
 
 
 @dataclass
@@ -95,24 +96,31 @@ class ShockConfig:
                              f"summing to 1, got {self.weights}")
 
 
+OUTPUTS = ("summary.json", "analysis.nc", "config.yaml", "rmse.png", "restart.pt")
+"""What a run leaves in output_dir; any of them marks the directory as holding a run."""
+
+
 @dataclass
 class CycleConfig:
     """A twin experiment: model, observations, filter and the cycling schedule."""
 
     seed: int = 0  # seeds truth, observations, initial ensemble and filter (separate streams)
-    cycles: int = 600  # analysis cycles
+    cycles: int = bounded(600, ge=1)  # analysis cycles
     burn_in: int = 100  # leading cycles left out of the time means
     output_dir: str = "runs/da"
-    spinup_steps: int = 2000  # truth model steps taking the truth onto the attractor (truth.source=model)
-    init_spread: float = 1.0  # initial ensemble = truth + N(0, init_spread^2)
+    overwrite: bool = False  # replace an earlier run's outputs in output_dir (else refused before any work)
+    # truth model steps taking the truth onto the attractor (truth.source=model)
+    spinup_steps: int = bounded(2000, ge=0)
+    init_spread: float = bounded(1.0, ge=0)  # initial ensemble = truth + N(0, init_spread^2)
     free_run: bool = True  # also run the ensemble without assimilation (rmse_free)
     save_fields: bool = True  # store truth/mean/spread/observations every cycle in analysis.nc
-    assimilate_cycles: int | None = None  # analyses only in the first k cycles (1: a free run after one); None: all
-    restart_every: int = 0  # write output_dir/restart.pt every k cycles (0: never)
+    # analyses only in the first k cycles (1: a free run after one); None: all
+    assimilate_cycles: int | None = bounded(None, ge=0)
+    restart_every: int = bounded(0, ge=0)  # write output_dir/restart.pt every k cycles (0: never)
     resume: bool = False  # continue from output_dir/restart.pt
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"
-    threads: int = 0  # torch CPU threads while cycling; 0: chosen for the problem size (cpu_threads)
+    threads: int = bounded(0, ge=0)  # torch CPU threads while cycling; 0: chosen for the problem size (cpu_threads)
     progress: bool = True  # tqdm bar on stderr
     model: Any = registry_field(MODELS, "lorenz96")
     truth: TruthConfig = field(default_factory=TruthConfig)
@@ -121,20 +129,9 @@ class CycleConfig:
     filter: Any = registry_field(FILTERS, "ensf")
 
     def __post_init__(self) -> None:
-        if self.cycles < 1:
-            raise ValueError(f"cycles must be >= 1, got {self.cycles}")
+        check_bounds(self)
         if not 0 <= self.burn_in < self.cycles:
             raise ValueError(f"burn_in must be in [0, cycles={self.cycles}), got {self.burn_in}")
-        if self.spinup_steps < 0:
-            raise ValueError(f"spinup_steps must be >= 0, got {self.spinup_steps}")
-        if not self.init_spread >= 0:
-            raise ValueError(f"init_spread must be >= 0, got {self.init_spread}")
-        if self.assimilate_cycles is not None and self.assimilate_cycles < 0:
-            raise ValueError(f"assimilate_cycles must be >= 0 (or null: every cycle), got {self.assimilate_cycles}")
-        if self.restart_every < 0:
-            raise ValueError(f"restart_every must be >= 0 cycles (0: no restart file), got {self.restart_every}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0: chosen for the problem size), got {self.threads}")
         if self.truth.source == "model":
             if self.truth.model is None:
                 self.truth.model = self.model
@@ -546,6 +543,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+@stops_cleanly("da-cycle")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="da-cycle",
@@ -562,6 +560,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with config_errors("da-cycle"):
         config = load_config(CycleConfig, args.config, args.overrides)
     try:
+        check_device(config.device, "device")
+        if not config.resume:
+            check_output_dir(config.output_dir, OUTPUTS, config.overwrite)
         summary = run(config)
     except (ValueError, OSError, FloatingPointError) as err:
         print(f"da-cycle: error: {err}", file=sys.stderr)

@@ -200,14 +200,16 @@ def prepare_forecast(args: argparse.Namespace) -> ForecastRequest:
                            attributes=attributes)
 
 
-def check_device(device: str) -> None:
-    """Raise InputError for a device string torch does not know or a CUDA device on a machine without one."""
+def check_device(device: str, option: str = "--device") -> None:
+    """Raise InputError for a device string torch does not know or a CUDA device on a machine without one;
+    the message names ``option`` (a command-line option, or a config key such as ``device``)."""
+    given = f"{option} {device}" if option.startswith("-") else f"{option}={device}"
     try:
         kind = torch.device(device).type
     except RuntimeError as err:
-        raise InputError(f"--device {device}: {err}") from None
+        raise InputError(f"{given}: {err}") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available on this machine")
+        raise InputError(f"{given}: CUDA is not available on this machine")
 
 
 def domain_size(dataset: netCDF4.Dataset, path: str) -> tuple[float, float]:

@@ -81,10 +81,12 @@ def test_unwritable_output_dir_and_earlier_outputs_kept(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     code = main([str(ROOT / "configs/da/l96_ensf.yaml"), *SMALL, f"output_dir={blocker}/run"])
-    assert code == 1 and "is not writable" in capsys.readouterr().err
+    assert code == 1 and f"{blocker} is not a directory" in capsys.readouterr().err
     code, out = run_cli(tmp_path)
     before = (out / "summary.json").read_bytes()
-    assert run_cli(tmp_path, "model.dt=5.0")[0] == 1
+    assert run_cli(tmp_path)[0] == 1  # a second run into the folder is refused before any work
+    assert "already holds a run (summary.json, analysis.nc, config.yaml, rmse.png)" in capsys.readouterr().err
+    assert run_cli(tmp_path, "model.dt=5.0", "overwrite=true")[0] == 1  # allowed, but it fails: nothing replaced
     assert (out / "summary.json").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["analysis.nc", "config.yaml", "rmse.png", "summary.json"]
 

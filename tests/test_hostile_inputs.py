@@ -62,6 +62,8 @@ CASES = {  # tool: [(argv with {file} placeholders, phrase the last line must co
         ([L96, "obs.operator=square"], "obs.operator: 'square' is not one of"),
         ([L96, "obs.sigma"], "is not of the form key=value"),
         ([L96, "output_dir={not_a_dir}/run", *TINY_CYCLE], "not_a_dir"),
+        ([L96, "device=gpu0", *TINY_CYCLE], "device=gpu0: "),
+        ([L96, "threads=-1"], "threads=-1 is out of range: must be an integer >= 0"),
     ],
     "da_plugin.scale": [
         ([SCALE, "model.dim=1000", "cycles=0"], "cycles=0 is out of range: must be an integer >= 1"),
