@@ -6,15 +6,16 @@ Each resolution uses its sqgturb preset (dt, diffusion) and the true Jacobian; t
 spun-up-like field (jet plus noise; the cost of a step does not depend on the flow). A
 measurement is ``SQG.step(x, steps)`` on a batch of members, after one warm-up call (which also
 builds the cached spectral operators and buffers), CUDA-synchronized on GPU; the median of
-``--repeats`` runs is reported as ms per step, member-steps per second and simulated days per
-wall-clock second for the whole batch.
+``--repeats`` runs, taking turns with the other contenders of the row, is reported as ms per
+step, member-steps per second and simulated days per wall-clock second for the whole batch.
 
 On the CPU each row also times ``NumpySQG``, the same algorithm written plainly in NumPy the way
 sqgturb's model is (one member at a time, ``numpy.fft`` rfft2/irfft2 on the whole padded grid,
 which keep float32 in NumPy >= 2, so both sides run in ``--dtype``), looping over the members,
-and prints torch's member-steps per second over NumPy's. ``--threads`` sets torch's thread count
-(the model shares members out over that many worker threads); NumPy's FFTs are single-threaded.
-The default run takes about two minutes on 2 cores.
+and prints torch's member-steps per second over NumPy's. The torch rows are timed at 1 thread
+and at torch's default thread count (``--threads``: that count only); the model shares groups of
+members out over that many worker threads. NumPy's FFTs are single-threaded.
+The default run takes about a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -90,23 +91,41 @@ def check(device: torch.device, dtype: torch.dtype) -> None:
           f"(theta spans {reference.min():.1f} .. {reference.max():.1f} K); NumpySQG float64: {numpy_diff:.2e} K")
 
 
-def bench_row(n: int, members: int, device: torch.device, dtype: torch.dtype, repeats: int) -> str:
-    """One table row: ms per RK4 step of the batch, member-steps/s, days/s; on CPU NumPy's and the ratio."""
+def bench_rows(n: int, members: int, device: torch.device, dtype: torch.dtype, repeats: int,
+               threads: list[int]) -> list[str]:
+    """Table rows for one size and batch: ms per RK4 step of the batch, member-steps/s and days/s, on the
+    CPU once per torch thread count, each with NumPy's member-steps/s and the ratio. The contenders
+    take turns within each repeat, so a machine whose load drifts slows them alike."""
     model = SQG.preset(n)
     x64 = start(model, members)
     x = x64.to(device=device, dtype=dtype)
     steps = max(1, round(WORK * (64 / n) ** 2 / members))  # per call: about the same work at every size
-    ms = statistics.median(timed(lambda: model.step(x, steps), device, repeats)) / steps
-    days_per_s = 1e3 / ms * model.dt / 86400
-    row = (f"{device.type:>6} {n:>5}^2 {members:>7} {model.dt:>6.0f} {ms:>10.2f} {members * 1e3 / ms:>14.0f} "
-           f"{days_per_s:>8.3g}")
-    if device.type != "cpu":
-        return row
-    reference = NumpySQG(model, np.dtype(str(dtype).removeprefix("torch.")))
-    states = x64.numpy().astype(reference.hyperdiff.dtype)
-    numpy_ms = statistics.median(timed(lambda: [reference.step(s, steps) for s in states], device, repeats))
-    numpy_rate = members * steps * 1e3 / numpy_ms
-    return row + f" {numpy_rate:>14.0f} {members * 1e3 / ms / numpy_rate:>7.2f}x"
+    contenders = {}
+    for count in threads if device.type == "cpu" else [torch.get_num_threads()]:
+        def run_torch(count: int = count) -> None:
+            torch.set_num_threads(count)
+            model.step(x, steps)
+        contenders[count] = run_torch
+    if device.type == "cpu":
+        reference = NumpySQG(model, np.dtype(str(dtype).removeprefix("torch.")))
+        states = x64.numpy().astype(reference.hyperdiff.dtype)
+        contenders["numpy"] = lambda: [reference.step(s, steps) for s in states]
+    for fn in contenders.values():
+        fn()  # warm-up: operators, buffers, FFT plans
+    times = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            times[name] += timed(fn, device, 1, warmup=False)
+    rates = {name: members * steps * 1e3 / statistics.median(ms) for name, ms in times.items()}
+    rows = []
+    for count in (name for name in contenders if name != "numpy"):
+        ms = 1e3 * members / rates[count]
+        row = (f"{device.type:>6} {n:>5}^2 {members:>7} {count:>7} {ms:>10.2f} {rates[count]:>14.0f} "
+               f"{1e3 / ms * model.dt / 86400:>8.3g}")
+        if "numpy" in rates:
+            row += f" {rates['numpy']:>12.0f} {rates[count] / rates['numpy']:>7.2f}x"
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -119,16 +138,18 @@ def main() -> None:
 
     dtype = getattr(torch, args.dtype)
     devices = selected_devices(args)  # applies --threads
-    print(f"SQG step (RK4, 3/2-rule dealiasing), dtype={args.dtype}, torch {torch.__version__}, "
-          f"numpy {np.__version__}, torch CPU threads {torch.get_num_threads()} (NumPy FFT: 1)")
+    threads = sorted({1, torch.get_num_threads()}) if args.threads is None else [args.threads]
+    print(f"SQG step (RK4, 3/2-rule dealiasing), dtype={args.dtype}, torch {torch.__version__}, numpy "
+          f"{np.__version__}; torch CPU threads timed: {', '.join(map(str, threads))} (the model's worker "
+          "threads over groups of members); NumPy's FFTs: 1 thread")
     for device in devices:
         check(device, dtype)
-        print(f"{'device':>6} {'N':>7} {'members':>7} {'dt s':>6} {'ms/step':>10} {'member-steps/s':>14} "
-              f"{'days/s':>8} {'numpy m-s/s':>14} {'ratio':>8}   (days/s: simulated days per wall-clock "
-              "second, whole batch; numpy: NumpySQG looping over the members)")
+        print(f"{'device':>6} {'N':>7} {'members':>7} {'threads':>7} {'ms/step':>10} {'member-steps/s':>14} "
+              f"{'days/s':>8} {'numpy m-s/s':>12} {'ratio':>8}   (days/s: simulated days per wall-clock "
+              "second, whole batch; numpy: NumpySQG looping over the members; ratio: torch / numpy)")
         for n in args.sizes:
             for members in args.members:
-                print(bench_row(n, members, device, dtype, args.repeats), flush=True)
+                print("\n".join(bench_rows(n, members, device, dtype, args.repeats, threads)), flush=True)
 
 
 if __name__ == "__main__":
