@@ -16,6 +16,12 @@ on any grid), so zero-padding to the 3N/2 grid needs no rescaling.
 
 ``sqgturb_compat=True`` reproduces sqgturb's Jacobian, which is (3/2)^2 = 2.25 times the true
 one (and treats the N/2 Nyquist modes differently); see docs/sqg.md for the derivation.
+
+``invert``, ``jacobian`` and ``tendency`` are the readable form of the equations; ``SQG.step``
+runs the same arithmetic in buffers allocated once, with two real fields per complex FFT (the
+note above ``_StepOperators``). On the CPU it shares groups of members out over
+``torch.get_num_threads()`` worker threads (set it, or OMP_NUM_THREADS, to choose) whose ops run
+single-threaded: intra-op threads over these small FFTs cost more than they bring.
 """
 
 from __future__ import annotations
@@ -353,8 +359,9 @@ def _step_operators(model: SQG, dtype: torch.dtype, device: torch.device) -> _St
     mirror_rows = -torch.arange(m) % m
     plus, minus = (padded * (k + sign * 1j * l) * fields for sign in (1, -1))
     mirrored = minus[..., mirror_rows, :].conj()
-    pairs = torch.cat((mirrored[..., 1:].flip(-1),
-                       0.5 * torch.where(plus[..., :1] != 0, plus[..., :1], mirrored[..., :1]), plus[..., 1:]), dim=-1)
+    # k = 0: a mode and its mirror share one operator where both are padded; compat pads l = -N/2 alone
+    zero = 0.5 * torch.where(plus[..., :1] != 0, plus[..., :1], mirrored[..., :1])
+    pairs = torch.cat((mirrored[..., 1:].flip(-1), zero, plus[..., 1:]), dim=-1)
     column = torch.arange(2 * h + 1)
     mirror = torch.where(column > h, torch.arange(m)[:, None] * (h + 1) + column - h,
                          mirror_rows[:, None] * (h + 1) + h - column)
@@ -434,10 +441,10 @@ class _Stepper:
             out.add_(ops.forcing)
 
 
-@functools.lru_cache(maxsize=8)
-def _stepper(model: SQG, dtype: torch.dtype, device: torch.device, members: int, worker: int) -> _Stepper:
-    """The buffers of one worker thread for groups of up to ``members`` (cached: no allocation per call)."""
-    return _Stepper(_step_operators(model, dtype, device), model.dt, members, dtype, device)
+@functools.lru_cache(maxsize=4)
+def _steppers(model: SQG, dtype: torch.dtype, device: torch.device, members: int) -> list[_Stepper]:
+    """The buffers of the worker threads for groups of up to ``members`` (cached: none allocated per call)."""
+    return []
 
 
 def _integrate(model: SQG, theta_hat: torch.Tensor, steps: int, workers: int) -> torch.Tensor:
@@ -458,7 +465,9 @@ def _integrate(model: SQG, theta_hat: torch.Tensor, steps: int, workers: int) ->
     per_member = 8 * ops.m**2 * spec.real.element_size()
     groups = spec.split(max(1, GROUP_BYTES // per_member)) if device.type == "cpu" else (spec,)
     workers = min(workers, len(groups))
-    steppers = [_stepper(model, dtype, device, groups[0].shape[0], w) for w in range(workers)]
+    steppers = _steppers(model, dtype, device, groups[0].shape[0])
+    while len(steppers) < workers:
+        steppers.append(_Stepper(_step_operators(model, dtype, device), model.dt, groups[0].shape[0], dtype, device))
 
     def work(worker: int) -> None:
         for group in groups[worker::workers]:
