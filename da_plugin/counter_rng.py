@@ -80,6 +80,28 @@ def _polar_blocks(seed: int, pair: int, rows: int, start: int, stop: int, dim: i
             yield row, slice(first, first + size), r, theta
 
 
+def box_muller_pair(counters: torch.Tensor, key: torch.Tensor | int,
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws (2p, 2p + 1) at int64 ``counters`` under pair p's ``key`` (:func:`pair_key`): the numbers
+    :func:`counter_normal_pair` draws, written out of place so that a compiler (torch.compile) fuses
+    the hash, the Box-Muller transform and whatever uses the draws into one loop, where
+    :func:`_polar_blocks` reuses buffers to run fast eagerly."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    bits = (counters ^ key) + _signed(_GOLDEN)  # SplitMix64 in wrapping int64 arithmetic
+    bits = (bits ^ _shifted(bits, 30)) * _signed(_MIX1)
+    bits = (bits ^ _shifted(bits, 27)) * _signed(_MIX2)
+    bits = bits ^ _shifted(bits, 31)
+    uniform = (_shifted(bits, 32).to(compute) + 0.5) * 2.0**-32  # in (0, 1]: the log never sees 0
+    radius = (uniform.log() * -2.0).sqrt()
+    angle = (((bits & 0xFFFFFFFF).to(compute) + 0.5) * 2.0**-32 - 0.5) * (2.0 * torch.pi)
+    return (radius * angle.cos()).to(dtype), (radius * angle.sin()).to(dtype)
+
+
+def _shifted(bits: torch.Tensor, shift: int) -> torch.Tensor:
+    """bits >> shift as unsigned 64-bit values, out of place."""
+    return (bits >> shift) & ((1 << (64 - shift)) - 1)
+
+
 def counter_normal_pair(seed: int, pair: int, rows: int, start: int, stop: int, dim: int,
                         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                         row_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,13 +26,16 @@ surrogate: its 12-h error, not its members' spread, is the forecast's uncertaint
 does all three (standardized, stopped at t = 0.5, spread restored); on SQG with 1 K
 observations without them the analysis barely moves from the forecast (docs/results.md).
 
-Two backends run the same steps: the torch path here (:meth:`EnSF.reverse_sde`: any device,
-dtype and operator) and the fused Triton kernel (:mod:`da_plugin.filters.ensf_fused`: CUDA,
-float32, componentwise operators). :meth:`EnSF.analysis` alone picks between them.
+Three backends run the same steps: the torch path here (:meth:`EnSF.reverse_sde`: any device,
+dtype and operator), the fused Triton kernel (:mod:`da_plugin.filters.ensf_fused`: CUDA, float32,
+componentwise operators) and its CPU counterpart, blocks of the ensemble taken through all steps
+by code torch.compile generates (:mod:`da_plugin.filters.ensf_cpu`: float32, componentwise
+operators, one-to-one prior score). :meth:`EnSF.analysis` alone picks between them.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -41,6 +44,7 @@ import torch
 
 from da_plugin.counter_rng import CounterDraws
 from da_plugin.filters.ensemble import relax
+from da_plugin.filters.ensf_cpu import MIN_ENTRIES, blocked_reverse_sde, check_compilable, compiler_usable
 from da_plugin.filters.ensf_fused import check_fusable, fused_reverse_sde, triton_usable
 from da_plugin.filters.ensf_mixture import mixture_mean, whole_state
 from da_plugin.filters.ensf_schedule import Step, reverse_sde_steps, steep_step_factors
@@ -61,11 +65,14 @@ class EnSF:
     damping: Literal["linear", "none"] = "linear"  # h(t) = 1 - t, or h = 1
     prior_score: Literal["one_to_one", "mixture"] = "one_to_one"
     chunk_size: int = bounded(1 << 20, ge=1)  # state variables per chunk of the mixture's distance products
-    # CPU: ensemble entries per block of the elementwise update (cache-sized)
+    # CPU: ensemble entries per block (cache-sized) of the torch path's elementwise update, and of the
+    # compiled backend, whose blocks take all K steps in turn
     block_elements: int = bounded(1 << 16, ge=1)
     # torch: one kernel per operation and step; triton: the fused kernel (CUDA, float32, componentwise
-    # observations); auto: triton where it can run, else torch
-    backend: Literal["auto", "torch", "triton"] = "auto"
+    # observations); compiled: the CPU kernel torch.compile generates (float32, componentwise
+    # observations, one-to-one prior score); auto: triton where it can run, else compiled on CPUs for
+    # ensembles of at least ensf_cpu.MIN_ENTRIES entries (where it compiles), else torch
+    backend: Literal["auto", "torch", "triton", "compiled"] = "auto"
     # explicit: the paper's Euler-Maruyama step; semi_implicit: the likelihood increment divided by
     # 1 + likelihood_k x the Gauss-Newton curvature h'(z)^2 / sigma^2, stable for any K
     likelihood_step: Literal["explicit", "semi_implicit"] = "explicit"
@@ -84,17 +91,20 @@ class EnSF:
         check_bounds(self, "filter")
         if self.likelihood_step not in ("explicit", "semi_implicit"):
             raise ValueError(f"filter.likelihood_step must be explicit or semi_implicit, got {self.likelihood_step!r}")
-        if self.standardize and self.backend == "triton":
+        if self.standardize and self.backend in ("triton", "compiled"):
             raise ValueError("filter.standardize runs on the torch backend; use filter.backend=auto or torch")
+        if self.prior_score == "mixture" and self.backend == "compiled":
+            raise ValueError("filter.backend=compiled fuses the one_to_one prior score only; use filter.backend=auto "
+                             "or torch with the mixture")
 
     def analysis(self, forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator,
                  noise: torch.Generator | CounterDraws,
                  sum_over_state: SumOverState = whole_state) -> torch.Tensor:
         """Analysis ensemble ``[N, d]`` from forecast ``[N, d]`` and observations ``y`` ``[m]``: the one
-        place that picks the backend (:meth:`uses_fused_kernel`).
+        place that picks the backend (:meth:`analysis_backend`).
 
-        ``noise`` is a generator (da-cycle: torch normals, or on the fused kernel counter-based
-        normals under a seed drawn from it) or :class:`~da_plugin.counter_rng.CounterDraws`, keyed
+        ``noise`` is a generator (da-cycle: torch normals, or on the fused and compiled kernels
+        counter-based normals under a seed drawn from it) or :class:`~da_plugin.counter_rng.CounterDraws`, keyed
         by global position, which both backends draw identically. ``sum_over_state`` completes
         sums over state variables (the mixture's N x N products); a domain-decomposed caller
         all-reduces them over ranks.
@@ -111,12 +121,21 @@ class EnSF:
 
     def _analysis(self, forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator,
                   noise: torch.Generator | CounterDraws, sum_over_state: SumOverState) -> torch.Tensor:
-        if self.uses_fused_kernel(forecast, obs):
-            if isinstance(noise, torch.Generator):
-                noise = CounterDraws(seed=int(torch.randint(1 << 62, (1,), generator=noise, device=noise.device)))
-            return fused_reverse_sde(forecast, y, obs, self.schedule(), noise,
-                                     semi_implicit=self.likelihood_step == "semi_implicit",
+        backend = self.analysis_backend(forecast, obs)
+        semi_implicit = self.likelihood_step == "semi_implicit"
+        if backend != "torch" and isinstance(noise, torch.Generator):
+            noise = CounterDraws(seed=int(torch.randint(1 << 62, (1,), generator=noise, device=noise.device)))
+        if backend == "triton":
+            return fused_reverse_sde(forecast, y, obs, self.schedule(), noise, semi_implicit=semi_implicit,
                                      center=self._mixture_center(forecast, sum_over_state))
+        if backend == "compiled":
+            try:
+                return blocked_reverse_sde(forecast, y, obs, self.schedule(), noise, semi_implicit=semi_implicit,
+                                           block_elements=self.block_elements)
+            except torch._dynamo.exc.BackendCompilerFailed as error:
+                if self.backend == "compiled":
+                    raise
+                warnings.warn(f"EnSF runs on the torch backend, torch.compile failed: {error}", stacklevel=3)
         if isinstance(noise, torch.Generator):
             generator = noise
             draw = lambda k: _randn_like(forecast, generator)  # noqa: E731
@@ -124,13 +143,25 @@ class EnSF:
             draw = noise.normals(*forecast.shape, forecast.dtype, forecast.device)
         return self.reverse_sde(forecast, y, obs, draw, sum_over_state)
 
-    def uses_fused_kernel(self, forecast: torch.Tensor, obs: ObservationOperator) -> bool:
-        """Whether this analysis runs the fused Triton kernel (raises if backend=triton cannot)."""
+    def analysis_backend(self, forecast: torch.Tensor,
+                         obs: ObservationOperator) -> Literal["torch", "triton", "compiled"]:
+        """The backend that runs this analysis (raises if backend=triton or compiled cannot)."""
         if self.backend == "triton":
             check_fusable(forecast, obs)
-            return True
-        return (self.backend == "auto" and not self.standardize and triton_usable(forecast.device)
-                and forecast.dtype == torch.float32 and obs.operator in ("identity", "arctan"))
+        elif self.backend == "compiled":
+            check_compilable(forecast, obs)
+        elif self.backend == "auto" and not self.standardize and forecast.dtype == torch.float32 \
+                and obs.operator in ("identity", "arctan"):
+            if triton_usable(forecast.device):
+                return "triton"
+            if forecast.device.type == "cpu" and self.prior_score == "one_to_one" \
+                    and forecast.numel() >= MIN_ENTRIES and compiler_usable():
+                return "compiled"
+        return "torch" if self.backend == "auto" else self.backend
+
+    def uses_fused_kernel(self, forecast: torch.Tensor, obs: ObservationOperator) -> bool:
+        """Whether this analysis runs the fused Triton kernel (raises if backend=triton or compiled cannot)."""
+        return self.analysis_backend(forecast, obs) == "triton"
 
     def reverse_sde(self, forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator,
                     noise: Callable[[int], torch.Tensor], sum_over_state: SumOverState = whole_state) -> torch.Tensor:

@@ -1,0 +1,138 @@
+"""The EnSF reverse SDE on a CPU in one pass over the ensemble: block by block, all K steps.
+
+With the one-to-one prior score and a componentwise observation operator, entry (i, k) of the
+ensemble evolves through the K Euler-Maruyama steps using only its own forecast value and the
+observation of variable k (what the fused GPU kernel exploits, :mod:`da_plugin.filters.ensf_fused`).
+So the ensemble is cut into column blocks of about ``block_elements`` entries, which stay in cache
+while they run all K steps: the [N, d] arrays are read and written once per analysis instead of
+about ten times per step. The normals are drawn inside the block from the counter-based generator
+(:func:`~da_plugin.counter_rng.box_muller_pair`), keyed by global position, so the analysis does
+not depend on the block size and equals the torch path's with the same
+:class:`~da_plugin.counter_rng.CounterDraws` up to rounding.
+
+One call of the block function takes two steps, the two draws of one Box-Muller pair. The run is
+written as a sequence of such pairs of "pseudo-steps" (:func:`pseudo_steps`): the start at t = 1
+is a step that keeps nothing and adds the first draw, and an odd count is completed by a step that
+changes nothing, so every call has one shape and one graph. ``torch.compile`` (inductor) turns
+the function into a single vectorized C++ loop; without a working C++ compiler the same function
+runs eagerly, and :meth:`~da_plugin.filters.ensf.EnSF.analysis` then prefers the torch path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from da_plugin.counter_rng import CounterDraws, box_muller_pair, pair_key
+from da_plugin.filters.ensf_fused import dense_observations
+from da_plugin.filters.ensf_schedule import Step
+from da_plugin.obs import ObservationOperator
+
+MIN_ENTRIES = 1 << 20  # N d from which backend=auto compiles: below it the compile costs more than it saves
+_compiler_failure: list[str] = []  # why torch.compile failed in this process, once it has
+
+
+def compiler_usable() -> bool:
+    """False once compiling the block function has failed in this process (no working C++ compiler)."""
+    return not _compiler_failure
+
+
+def check_compilable(forecast: torch.Tensor, obs: ObservationOperator) -> None:
+    """Raise a ValueError saying why the compiled CPU kernel cannot run this analysis, if it cannot."""
+    if forecast.device.type != "cpu":
+        raise ValueError(f"filter.backend=compiled runs on the CPU, found {forecast.device}")
+    if forecast.dtype != torch.float32:
+        raise ValueError(f"filter.backend=compiled computes in float32, found a {forecast.dtype} state; "
+                         "use filter.backend=torch for float64 reference runs")
+    if obs.operator not in ("identity", "arctan"):
+        raise ValueError(f"filter.backend=compiled fuses componentwise operators only, found {obs.operator!r}")
+    if _compiler_failure:
+        raise ValueError(f"filter.backend=compiled needs torch.compile, which failed here: {_compiler_failure[0]}")
+
+
+def pseudo_steps(schedule: list[Step]) -> torch.Tensor:
+    """Coefficients (keep, center, likelihood, noise) of the draws' steps, ``[pairs, 2, 4]``: draw 0
+    makes z at t = 1 (keep nothing, add the draw), draw k + 1 takes step k, and a last draw with
+    no partner changes nothing, so that pair p takes draws 2p and 2p + 1 as CounterDraws numbers them."""
+    rows = [(0.0, 0.0, 0.0, 1.0)] + [(step.keep, step.center, step.likelihood, step.noise) for step in schedule]
+    if len(rows) % 2:
+        rows.append((1.0, 0.0, 0.0, 0.0))
+    return torch.tensor(rows, dtype=torch.float32).view(-1, 2, 4)
+
+
+def two_steps(z: torch.Tensor, center: torch.Tensor, y: torch.Tensor, precision: torch.Tensor,
+              row_counters: torch.Tensor, column_counters: torch.Tensor, key: torch.Tensor,
+              coefficients: torch.Tensor, arctan: bool, semi_implicit: bool) -> torch.Tensor:
+    """z ``[N, w]`` after the two pseudo-steps ``coefficients`` ``[2, 4]`` with the Box-Muller pair
+    ``key`` at counters ``row_counters + column_counters`` (``[N, 1]`` + ``[w]``, added in the loop);
+    ``y`` and ``precision`` (1/sigma^2, 0 where unobserved) ``[w]``."""
+    first, second = box_muller_pair(row_counters + column_counters, key)
+    z = _step(z, center, y, precision, coefficients[0], first, arctan, semi_implicit)
+    return _step(z, center, y, precision, coefficients[1], second, arctan, semi_implicit)
+
+
+def _step(z: torch.Tensor, center: torch.Tensor, y: torch.Tensor, precision: torch.Tensor,
+          coefficients: torch.Tensor, draw: torch.Tensor, arctan: bool, semi_implicit: bool) -> torch.Tensor:
+    """keep z + center c + likelihood L(z) + noise xi, in the torch path's order of operations."""
+    keep, center_weight, likelihood, noise = coefficients.unbind()
+    if arctan:
+        slope = 1.0 + z * z  # 1 / atan'(z)
+        update = (y - torch.atan(z)) * precision / slope * likelihood
+    else:
+        update = (y - z) * precision * likelihood
+    if semi_implicit:  # divided by 1 + likelihood x the Gauss-Newton curvature atan'(z)^2 / sigma^2
+        curvature = precision / slope.square() if arctan else precision
+        update = update / (curvature * likelihood + 1.0)
+    return z * keep + (update + center * center_weight + draw * noise)
+
+
+_compiled_two_steps = torch.compile(two_steps, fullgraph=True, dynamic=False)
+
+
+def blocked_reverse_sde(forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator, schedule: list[Step],
+                        draws: CounterDraws, *, semi_implicit: bool = False, block_elements: int = 1 << 16,
+                        compiled: bool = True) -> torch.Tensor:
+    """EnSF analysis ``[N, n]`` of ``forecast`` ``[N, n]`` through ``schedule``, block by block.
+
+    Draw k of entry (i, j) is CounterDraws' (counter ``(row_offset + i) dim + col_offset + j``).
+    Blocks are ``block_elements`` // N columns (a multiple of 16, a vector of floats); the last one
+    is padded. ``compiled``: the block function through torch.compile, else eagerly (what a
+    compiler would fuse, for tests). A compile failure (torch's BackendCompilerFailed) is
+    remembered (:func:`compiler_usable`) and raised.
+    """
+    check_compilable(forecast, obs)
+    obs.check(y)
+    members, width = forecast.shape
+    columns = min(width, max(16, block_elements // members // 16 * 16))
+    blocks = -(-width // columns)
+    values, precision = (torch.zeros(blocks * columns) for _ in range(2))  # padded: the last block is whole
+    values[:width], precision[:width] = dense_observations(obs, y, width, forecast.device)
+    coefficients = list(pseudo_steps(schedule).unbind())
+    pairs = len(coefficients)
+    keys = [torch.tensor(pair_key(draws.seed, draws.first_draw // 2 + pair)) for pair in range(pairs)]
+    row_counters = ((draws.row_offset + torch.arange(members)) * (draws.dim or width) + draws.col_offset).unsqueeze(1)
+    column_counters = torch.arange(columns)
+    kernel = _compiled_two_steps if compiled else two_steps
+    arctan = obs.operator == "arctan"
+    center = torch.zeros(members, columns)
+    analysis = torch.empty_like(forecast)
+    for start in range(0, width, columns):
+        size = min(columns, width - start)
+        center[:, :size] = forecast[:, start:start + size]
+        block = slice(start, start + columns)
+        z = torch.zeros(members, columns)
+        for pair in range(pairs):
+            z = _guarded(kernel, z, center, values[block], precision[block], row_counters + start, column_counters,
+                         keys[pair], coefficients[pair], arctan, semi_implicit)
+        analysis[:, start:start + size] = z[:, :size]
+    return analysis
+
+
+def _guarded(kernel: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
+    """kernel(*args), with the reason of a failed compile remembered."""
+    try:
+        return kernel(*args)
+    except torch._dynamo.exc.BackendCompilerFailed as error:
+        _compiler_failure.append(str(error).strip().splitlines()[0])
+        raise
