@@ -397,7 +397,7 @@ class _Stepper:
 
         self.state, self.stage, self.total, self.rate = (spectra(2, m, columns) for _ in range(4))
         self.both = spectra(2, m, 2 * columns - 1)
-        self.z_spectra = spectra(4, m, m)  # columns past N stay zero
+        self.z_spectra = spectra(4, m, m)
         self.z = spectra(4, m, m)
         self.product = torch.empty((members, 2, m, m), dtype=dtype, device=device)
         self.product_hat = spectra(2, m, m // 2 + 1)
@@ -406,37 +406,53 @@ class _Stepper:
         """Advance ``spec`` (``[n, 2, M, N//2+1]``, n <= capacity) by ``steps`` RK4 steps, in place."""
         n, dt = spec.shape[0], self.dt
         state, stage, total, rate = self.state[:n], self.stage[:n], self.total[:n], self.rate[:n]
+        of_state, of_stage = _Tendency(self, state, rate), _Tendency(self, stage, rate)
         state.copy_(spec)
         for _ in range(steps):  # total = state + dt/6 k1 + dt/3 k2 + dt/3 k3 + dt/6 k4
-            self.tendency(state, rate)
+            of_state()
             torch.add(state, rate, alpha=dt / 6, out=total)
             for shift, weight in ((dt / 2, dt / 3), (dt / 2, dt / 3), (dt, dt / 6)):
                 torch.add(state, rate, alpha=shift, out=stage)
-                self.tendency(stage, rate)
+                of_stage()
                 total.add_(rate, alpha=weight)
             torch.mul(total, self.ops.hyperdiff, out=state)
         spec.copy_(state)
 
-    def tendency(self, spec: torch.Tensor, out: torch.Tensor) -> None:
-        """``out`` = d(spec)/dt: the dealiased -J(psi, theta), relaxation and Ekman (``tendency``)."""
-        ops, n, h = self.ops, spec.shape[0], spec.shape[-1] - 1
-        both = self.both[:n]
-        torch.gather(spec.flatten(-2), -1, ops.mirror.expand(*both.shape[:2], -1), out=both.flatten(-2))
-        both[..., : h + 1].conj_physical_()
-        both[..., h].add_(spec[..., 0])
-        z_spectra = self.z_spectra[:n, ..., : 2 * h + 1]
-        torch.mul(ops.pairs[0], both[:, None, 0], out=z_spectra)
-        z_spectra.addcmul_(ops.pairs[1], both[:, None, 1])
-        z = self.z[:n]
-        torch.fft.ifft2(self.z_spectra[:n], norm="forward", out=z)
-        parts, product = torch.view_as_real(z), self.product[:n]
-        torch.mul(parts[:, :2, ..., 0], parts[:, 2:, ..., 1], out=product)  # Im(conj(z_psi) z_theta)
-        product.addcmul_(parts[:, :2, ..., 1], parts[:, 2:, ..., 0], value=-1)
-        product_hat = self.product_hat[:n]
-        torch.fft.rfft2(product, norm="forward", out=product_hat)
-        torch.mul(ops.advection, product_hat[..., : h + 1], out=out)
-        out.addcmul_(ops.linear[0], spec[:, None, 0])
-        out.addcmul_(ops.linear[1], spec[:, None, 1])
+
+class _Tendency:
+    """``out`` = d(spec)/dt, the dealiased -J(psi, theta), relaxation and Ekman (as ``tendency``), for
+    one input buffer of a ``_Stepper``: the views are made once, so a call runs only the ops."""
+
+    def __init__(self, stepper: _Stepper, spec: torch.Tensor, out: torch.Tensor):
+        ops, n, h = stepper.ops, spec.shape[0], spec.shape[-1] - 1
+        self.ops, self.out = ops, out
+        both = stepper.both[:n]
+        self.spec_flat, self.both_flat = spec.flatten(-2), both.flatten(-2)
+        self.mirror = ops.mirror.expand(*both.shape[:2], -1)
+        self.both_mirrored, self.both_k0, self.spec_k0 = both[..., : h + 1], both[..., h], spec[..., 0]
+        self.both_levels, self.spec_levels = (both[:, None, 0], both[:, None, 1]), (spec[:, None, 0], spec[:, None, 1])
+        self.z_spectra, self.z = stepper.z_spectra[:n], stepper.z[:n]
+        self.z_block = self.z_spectra[..., : 2 * h + 1]  # k = -N/2 .. N/2; the columns past it stay zero
+        parts = torch.view_as_real(self.z)
+        self.psi_x, self.psi_y, self.theta_x, self.theta_y = (parts[:, :2, ..., 0], parts[:, :2, ..., 1],
+                                                              parts[:, 2:, ..., 0], parts[:, 2:, ..., 1])
+        self.product, self.product_hat = stepper.product[:n], stepper.product_hat[:n]
+        self.truncated = self.product_hat[..., : h + 1]
+
+    def __call__(self) -> None:
+        ops, out = self.ops, self.out
+        torch.gather(self.spec_flat, -1, self.mirror, out=self.both_flat)
+        self.both_mirrored.conj_physical_()
+        self.both_k0.add_(self.spec_k0)
+        torch.mul(ops.pairs[0], self.both_levels[0], out=self.z_block)
+        self.z_block.addcmul_(ops.pairs[1], self.both_levels[1])
+        torch.fft.ifft2(self.z_spectra, norm="forward", out=self.z)
+        torch.mul(self.psi_x, self.theta_y, out=self.product)  # Im(conj(z_psi) z_theta)
+        self.product.addcmul_(self.psi_y, self.theta_x, value=-1)
+        torch.fft.rfft2(self.product, norm="forward", out=self.product_hat)
+        torch.mul(ops.advection, self.truncated, out=out)
+        out.addcmul_(ops.linear[0], self.spec_levels[0])
+        out.addcmul_(ops.linear[1], self.spec_levels[1])
         if ops.forcing is not None:
             out.add_(ops.forcing)
 
