@@ -5,7 +5,7 @@ Run:  .venv/bin/python bench/letkf_bench.py            (add --help for options)
 Setup: a 1-D periodic grid of d Lorenz-96-like variables, every 2nd one observed (identity,
 sigma 1), N members, Gaspari-Cohn localization of --radius grid units, no inflation. The
 neighbour search (cached by LETKF after its first call) is timed once, on its own. The batched
-analysis is timed after one warm-up call; the loop reference calls the same ensemble_transform
+analysis is timed after one warm-up call; the loop reference calls the same ensemble_weights
 with B=1 per grid point, so the comparison isolates batching. When the loop over all d points
 would exceed --max-loop-seconds it runs on a subset of points and is scaled linearly (marked *).
 """
@@ -18,7 +18,7 @@ import statistics
 import torch
 from timing import add_device_options, selected_devices, timed  # bench/timing.py (scripts run from bench/)
 
-from da_plugin.filters.letkf import LETKF, apply_weights, ensemble_transform
+from da_plugin.filters.letkf import LETKF, apply_weights, ensemble_weights, obs_space
 from da_plugin.obs import ObservationOperator
 
 
@@ -35,16 +35,13 @@ def problem(d: int, n: int, device: torch.device, dtype: torch.dtype,
 def loop_analysis(letkf: LETKF, forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator,
                   points: int | None = None) -> torch.Tensor:
     """LETKF written plainly: one B=1 ensemble transform per grid point (the first ``points``)."""
-    hx = obs(forecast)
-    obs_pert = (hx - hx.mean(0)).T  # [m, N]
-    innovation = y - hx.mean(0)
+    rows = obs_space(forecast, y, obs).T  # [m, N + 1]: perturbations and innovation
     neighbours, taper = letkf.local_observations(obs, forecast.device, forecast.dtype)
     out = forecast.clone()
     for i in range(obs.dim if points is None else points):
         local = neighbours[i]
-        mean_weights, transform = ensemble_transform(obs_pert[local].unsqueeze(0), innovation[local].unsqueeze(0),
-                                                     (taper[i] / obs.sigma**2).unsqueeze(0))
-        out[:, i:i + 1] = apply_weights(forecast[:, i:i + 1], transform + mean_weights.unsqueeze(-1))
+        weights = ensemble_weights(rows[local].unsqueeze(0), (taper[i] / obs.sigma**2).unsqueeze(0))
+        out[:, i:i + 1] = apply_weights(forecast[:, i:i + 1], weights)
     return out
 
 

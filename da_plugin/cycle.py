@@ -294,6 +294,9 @@ class Twin:
     streams: dict[str, torch.Generator]  # STREAMS
     nature: Nature
     shocks: np.ndarray  # [cycles] shock standard deviation per cycle in state units (0: none)
+    # the nature run is the forecast model stepping the same steps, which advances it in the
+    # ensembles' batch (a model whose ``batch_invariant`` says that changes no number): one call, not two
+    joint_nature: bool = False
 
     @classmethod
     def start(cls, config: CycleConfig) -> Twin:
@@ -307,11 +310,21 @@ class Twin:
         ensemble = truth + config.init_spread * init_noise.to(dtype=dtype, device=device)
         shocks = shock_schedule(config.shocks, config.cycles, getattr(config.truth.model, "scale", 1.0),
                                 make_generator(config.seed, "shock-cycles"))
+        joint_nature = (config.truth.source == "model" and config.truth.model is config.model
+                        and config.nature_steps == config.forecast_steps
+                        and getattr(config.model, "batch_invariant", False))
         return cls(truth, ensemble, ensemble.clone() if config.free_run else None, obs,
-                   {name: make_generator(config.seed, name, device) for name in STREAMS}, nature, shocks)
+                   {name: make_generator(config.seed, name, device) for name in STREAMS}, nature, shocks,
+                   joint_nature)
 
     def forecast(self, model: Any, steps: int, cycle: int) -> None:
-        """Advance the truth to ``cycle``'s analysis time and both ensembles by ``steps`` model steps."""
+        """Advance the truth to ``cycle``'s analysis time and both ensembles by ``steps`` model steps
+        (with ``joint_nature``, all three in one batch)."""
+        if self.joint_nature:
+            batch = [self.ensemble, self.truth.unsqueeze(0), *([] if self.free is None else [self.free])]
+            self.ensemble, truth, *free = model.step(torch.cat(batch), steps).split([len(b) for b in batch])
+            self.truth, self.free = truth[0], (free[0] if free else None)
+            return
         self.truth = self.nature(self.truth, cycle)
         self.ensemble = model.step(self.ensemble, steps)
         if self.free is not None:

@@ -165,6 +165,8 @@ class ObservationOperator:
         """Reject observation vectors of the wrong size or with NaN/inf entries."""
         if y.shape[-1] != self.size:
             raise ValueError(f"{where}: expected {self.size} values, found {y.shape[-1]}")
+        if torch.isfinite(y).all():  # the common case in two tensor ops (this runs twice a cycle)
+            return
         bad = ~torch.isfinite(y)
         if bad.any():
             first = int(bad.nonzero()[0, -1])

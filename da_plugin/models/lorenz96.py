@@ -7,6 +7,7 @@ any d >= 4, on CPU or GPU, in the tensor's own dtype; integrated with classical 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -41,6 +42,9 @@ class Lorenz96:
     dim: int = 40
     forcing: float = 8.0
     dt: float = 0.05  # model time step (the standard benchmark's 6 hours)
+    # step is elementwise arithmetic along the last axis: a state's numbers do not depend on the batch
+    # it is stepped in (da_plugin.cycle.Twin steps the nature run with the ensembles on this promise)
+    batch_invariant: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.dim < 4:
