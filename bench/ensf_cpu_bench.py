@@ -27,16 +27,16 @@ import torch
 from ensf_bench import SIGMA_OBS, problem  # bench/ is on the path of a bench script
 from timing import timed
 
-from da_plugin.counter_rng import box_muller_pair, pair_key
+from da_plugin.counter_rng import pair_key
 from da_plugin.filters.ensf import EnSF
-from da_plugin.filters.ensf_cpu import pseudo_steps
+from da_plugin.filters.ensf_cpu import normal_pair, polynomial_atan, pseudo_steps
 
 
 def _floor_pair(total: torch.Tensor, row_counters: torch.Tensor, column_counters: torch.Tensor,
                 key: torch.Tensor) -> torch.Tensor:
     """total + atan of both draws of a Box-Muller pair: the floor's work for two steps."""
-    first, second = box_muller_pair(row_counters + column_counters, key)
-    return total + torch.atan(first) + torch.atan(second)
+    first, second = normal_pair(row_counters + column_counters, key)
+    return total + polynomial_atan(first) + polynomial_atan(second)
 
 
 _compiled_floor_pair = torch.compile(_floor_pair, fullgraph=True, dynamic=False)

@@ -80,21 +80,20 @@ def _polar_blocks(seed: int, pair: int, rows: int, start: int, stop: int, dim: i
             yield row, slice(first, first + size), r, theta
 
 
-def box_muller_pair(counters: torch.Tensor, key: torch.Tensor | int,
-                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draws (2p, 2p + 1) at int64 ``counters`` under pair p's ``key`` (:func:`pair_key`): the numbers
-    :func:`counter_normal_pair` draws, written out of place so that a compiler (torch.compile) fuses
-    the hash, the Box-Muller transform and whatever uses the draws into one loop, where
+def polar_uniforms(counters: torch.Tensor, key: torch.Tensor | int,
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The uniform u in (0, 1] and the angle in (-pi, pi) of Box-Muller pair ``key`` (:func:`pair_key`)
+    at int64 ``counters``: draws 2p and 2p + 1 are sqrt(-2 log u) times the angle's cosine and sine.
+    What :func:`counter_normal_pair` draws from, written out of place so that a compiler fuses the
+    hash and what follows into one loop (:mod:`da_plugin.filters.ensf_cpu`), where
     :func:`_polar_blocks` reuses buffers to run fast eagerly."""
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
     bits = (counters ^ key) + _signed(_GOLDEN)  # SplitMix64 in wrapping int64 arithmetic
     bits = (bits ^ _shifted(bits, 30)) * _signed(_MIX1)
     bits = (bits ^ _shifted(bits, 27)) * _signed(_MIX2)
     bits = bits ^ _shifted(bits, 31)
-    uniform = (_shifted(bits, 32).to(compute) + 0.5) * 2.0**-32  # in (0, 1]: the log never sees 0
-    radius = (uniform.log() * -2.0).sqrt()
-    angle = (((bits & 0xFFFFFFFF).to(compute) + 0.5) * 2.0**-32 - 0.5) * (2.0 * torch.pi)
-    return (radius * angle.cos()).to(dtype), (radius * angle.sin()).to(dtype)
+    uniform = (_shifted(bits, 32).to(dtype) + 0.5) * 2.0**-32  # in (0, 1]: the log never sees 0
+    angle = (((bits & 0xFFFFFFFF).to(dtype) + 0.5) * 2.0**-32 - 0.5) * (2.0 * torch.pi)
+    return uniform, angle
 
 
 def _shifted(bits: torch.Tensor, shift: int) -> torch.Tensor:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from da_plugin.counter_rng import CounterDraws, counter_normal
+from da_plugin.counter_rng import CounterDraws, counter_normal, counter_normal_pair, pair_key
 from da_plugin.filters.ensf import EnSF
-from da_plugin.filters.ensf_cpu import MIN_ENTRIES, blocked_reverse_sde, pseudo_steps
+from da_plugin.filters.ensf_cpu import MIN_ENTRIES, blocked_reverse_sde, normal_pair, polynomial_atan, pseudo_steps
 from da_plugin.obs import ObservationOperator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +43,23 @@ def blocked(ensf: EnSF, forecast, y, obs, compiled: bool = False, **draws) -> to
     return blocked_reverse_sde(forecast, y, obs, ensf.schedule(), CounterDraws(**draws),
                                semi_implicit=ensf.likelihood_step == "semi_implicit",
                                block_elements=ensf.block_elements, compiled=compiled)
+
+
+def test_the_polynomial_arctan_is_within_float32_rounding_for_every_state():
+    z = torch.cat([torch.linspace(-12.0, 12.0, 200_001), torch.logspace(-30, 30, 601), -torch.logspace(-30, 30, 601)])
+    assert (polynomial_atan(z).double() - z.double().atan()).abs().max() < 5e-7
+    tiny = torch.logspace(-30, -3, 100)
+    torch.testing.assert_close(polynomial_atan(tiny), tiny, rtol=1e-6, atol=0)  # relative accuracy near 0
+
+
+def test_the_polynomial_normals_are_the_counter_generators_numbers():
+    rows, start, stop, dim = 7, 13, 100_013, 200_000
+    counters = (2 + torch.arange(rows)).unsqueeze(1) * dim + torch.arange(start, stop)
+    for pair in (0, 9):
+        first, second = normal_pair(counters, pair_key(21, pair))
+        cosine, sine = counter_normal_pair(21, pair, rows, start, stop, dim, row_offset=2)
+        torch.testing.assert_close(first, cosine, rtol=0, atol=3e-6)  # |r| up to 6: a few ulps of r
+        torch.testing.assert_close(second, sine, rtol=0, atol=3e-6)
 
 
 @pytest.mark.parametrize("likelihood_step", ["explicit", "semi_implicit"])
