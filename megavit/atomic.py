@@ -215,8 +215,9 @@ class Staging:
     def publish(self, names: Sequence[str] | None = None) -> None:
         """Move the staged entries ``names`` (default: all, sorted) into ``out_dir`` in that order.
 
-        If a rename fails, the entries already moved go back to staging and the ones they replaced
-        back into ``out_dir``, so ``out_dir`` is left as it was.
+        If a rename fails, or SIGTERM/SIGINT (:class:`Interrupted`) arrives midway, the entries
+        already moved go back to staging and the ones they replaced back into ``out_dir``, so
+        ``out_dir`` is left as it was.
         """
         names = sorted(p.name for p in self.path.iterdir()) if names is None else list(names)
         replaced = Path(tempfile.mkdtemp(prefix=".replaced-", dir=self.path))
@@ -228,7 +229,7 @@ class Staging:
                     os.replace(target, replaced / name)
                 os.replace(self.path / name, target)
                 moved.append(name)
-        except OSError:
+        except (OSError, KeyboardInterrupt):
             for name in moved:
                 os.replace(self.out_dir / name, self.path / name)
             for entry in replaced.iterdir():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megavit.atomic import STAGING_PREFIX, Staging, atomic_file, staged_output, write_json_atomic
+from megavit.atomic import STAGING_PREFIX, Interrupted, Staging, atomic_file, staged_output, write_json_atomic
 
 
 def test_atomic_file_replaces_only_on_success(tmp_path):
@@ -110,3 +110,27 @@ def test_a_killed_writers_staging_is_removed_by_the_next_run_and_never_published
     assert sorted(p for p in os.listdir(out) if not p.startswith(STAGING_PREFIX)) == ["fresh.txt"]
     live.kill()
     live.wait()
+
+
+def test_an_interrupt_in_the_middle_of_publishing_puts_everything_back(tmp_path, monkeypatch):
+    """SIGTERM arriving between two renames of publish: the folder is left as it was, not half new."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("a", "b"):
+        (out / name).write_text(f"old {name}")
+    real_replace, calls = os.replace, []
+
+    def replace_then_interrupt(source, target):
+        calls.append(target)
+        real_replace(source, target)
+        if len(calls) == 2:  # "a" moved aside and the new "a" moved in: now the signal
+            raise Interrupted(signal.SIGTERM)
+
+    with Staging.create(out) as staging:
+        for name in ("a", "b"):
+            staging.file(name).write_text(f"new {name}")
+        monkeypatch.setattr(os, "replace", replace_then_interrupt)
+        with pytest.raises(Interrupted):
+            staging.publish(["a", "b"])
+        monkeypatch.setattr(os, "replace", real_replace)
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"a": "old a", "b": "old b"}
