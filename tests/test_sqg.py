@@ -4,6 +4,7 @@ Jacobian of trigonometric fields, energy conservation, and the growth rate of th
 mode of the jet from a meridional-Fourier eigenvalue problem (compared with Eady's 0.31 U f/(N H))."""
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -330,6 +331,22 @@ def test_groups_of_members_over_worker_threads_give_the_same_numbers(monkeypatch
     assert one_thread is None or torch.equal(one_thread, two_threads)  # the thread count changes nothing
     torch.testing.assert_close(grouped, expected, rtol=0, atol=1e-12 * expected.abs().max())
     torch.testing.assert_close(two_threads, expected, rtol=0, atol=1e-12 * expected.abs().max())
+
+
+def test_steps_from_several_threads_do_not_share_buffers_at_once():
+    model = SQG(N=32)
+    states = [model.jet() + smooth_field(model, seed) for seed in range(4)]
+    expected = [model.step(x, 4) for x in states]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda x: model.step(x, 4), states))
+        assert torch.get_num_threads() == 2  # restored by the last step to finish
+    finally:
+        torch.set_num_threads(threads)
+    for result, reference in zip(results, expected, strict=True):
+        assert torch.equal(result, reference)
 
 
 def test_initial_state_and_registry():

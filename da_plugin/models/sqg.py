@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -137,7 +137,7 @@ class SQG:
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         workers = torch.get_num_threads() if x.device.type == "cpu" else 1
-        with _single_threaded_ops() if x.device.type == "cpu" else contextlib.nullcontext():
+        with _single_threaded_ops if x.device.type == "cpu" else contextlib.nullcontext():
             theta_hat = torch.fft.rfft2(x.reshape(-1, *self.state_shape), norm="forward")
             if steps:
                 theta_hat = _integrate(self, theta_hat, steps, workers)
@@ -457,10 +457,18 @@ class _Tendency:
             out.add_(ops.forcing)
 
 
+@dataclass
+class _Workers:
+    """The buffers of the worker threads (one ``_Stepper`` each) and the lock of the step that uses them."""
+
+    steppers: list[_Stepper]
+    lock: threading.Lock
+
+
 @functools.lru_cache(maxsize=4)
-def _steppers(model: SQG, dtype: torch.dtype, device: torch.device, members: int) -> list[_Stepper]:
-    """The buffers of the worker threads for groups of up to ``members`` (cached: none allocated per call)."""
-    return []
+def _workers(model: SQG, dtype: torch.dtype, device: torch.device, members: int) -> _Workers:
+    """The workers for groups of up to ``members`` (cached: no buffers allocated per call)."""
+    return _Workers([], threading.Lock())
 
 
 def _integrate(model: SQG, theta_hat: torch.Tensor, steps: int, workers: int) -> torch.Tensor:
@@ -481,30 +489,46 @@ def _integrate(model: SQG, theta_hat: torch.Tensor, steps: int, workers: int) ->
     per_member = 8 * ops.m**2 * spec.real.element_size()
     groups = spec.split(max(1, GROUP_BYTES // per_member)) if device.type == "cpu" else (spec,)
     workers = min(workers, len(groups))
-    steppers = _steppers(model, dtype, device, groups[0].shape[0])
-    while len(steppers) < workers:
-        steppers.append(_Stepper(_step_operators(model, dtype, device), model.dt, groups[0].shape[0], dtype, device))
+    cached = _workers(model, dtype, device, groups[0].shape[0])
+    steppers = cached.steppers
 
     def work(worker: int) -> None:
         for group in groups[worker::workers]:
             steppers[worker].run(group, steps)
 
-    if workers == 1:
-        work(0)
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(work, range(workers)))
+    with cached.lock:  # another thread's step with the same buffers waits
+        while len(steppers) < workers:
+            steppers.append(_Stepper(_step_operators(model, dtype, device), model.dt, groups[0].shape[0], dtype,
+                                     device))
+        if workers == 1:
+            work(0)
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(work, range(workers)))
     if ops.keep_nyquist:
         spec[..., h].conj_physical_()
     return spec[..., _rows(ops).to(device), :]
 
 
-@contextlib.contextmanager
-def _single_threaded_ops() -> Iterator[None]:
-    """torch's intra-op threads set to 1 for the duration (SQG's worker threads are the parallelism)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+class _SingleThreadedOps:
+    """Context: torch's intra-op threads at 1 while any SQG step runs (its worker threads are the
+    parallelism); the count found by the first step to enter is restored by the last to leave."""
+
+    def __init__(self) -> None:
+        self.lock, self.depth, self.threads = threading.Lock(), 0, 1
+
+    def __enter__(self) -> None:
+        with self.lock:
+            if self.depth == 0:
+                self.threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+            self.depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self.lock:
+            self.depth -= 1
+            if self.depth == 0:
+                torch.set_num_threads(self.threads)
+
+
+_single_threaded_ops = _SingleThreadedOps()
