@@ -425,7 +425,8 @@ class _Tendency:
 
     def __init__(self, stepper: _Stepper, spec: torch.Tensor, out: torch.Tensor):
         ops, n, h = stepper.ops, spec.shape[0], spec.shape[-1] - 1
-        self.ops, self.out = ops, out
+        self.out, self.advection, self.forcing = out, ops.advection, ops.forcing
+        self.pairs, self.linear = ops.pairs.unbind(), ops.linear.unbind()
         both = stepper.both[:n]
         self.spec_flat, self.both_flat = spec.flatten(-2), both.flatten(-2)
         self.mirror = ops.mirror.expand(*both.shape[:2], -1)
@@ -440,21 +441,21 @@ class _Tendency:
         self.truncated = self.product_hat[..., : h + 1]
 
     def __call__(self) -> None:
-        ops, out = self.ops, self.out
+        out = self.out
         torch.gather(self.spec_flat, -1, self.mirror, out=self.both_flat)
         self.both_mirrored.conj_physical_()
         self.both_k0.add_(self.spec_k0)
-        torch.mul(ops.pairs[0], self.both_levels[0], out=self.z_block)
-        self.z_block.addcmul_(ops.pairs[1], self.both_levels[1])
+        torch.mul(self.pairs[0], self.both_levels[0], out=self.z_block)
+        self.z_block.addcmul_(self.pairs[1], self.both_levels[1])
         torch.fft.ifft2(self.z_spectra, norm="forward", out=self.z)
         torch.mul(self.psi_x, self.theta_y, out=self.product)  # Im(conj(z_psi) z_theta)
         self.product.addcmul_(self.psi_y, self.theta_x, value=-1)
         torch.fft.rfft2(self.product, norm="forward", out=self.product_hat)
-        torch.mul(ops.advection, self.truncated, out=out)
-        out.addcmul_(ops.linear[0], self.spec_levels[0])
-        out.addcmul_(ops.linear[1], self.spec_levels[1])
-        if ops.forcing is not None:
-            out.add_(ops.forcing)
+        torch.mul(self.advection, self.truncated, out=out)
+        out.addcmul_(self.linear[0], self.spec_levels[0])
+        out.addcmul_(self.linear[1], self.spec_levels[1])
+        if self.forcing is not None:
+            out.add_(self.forcing)
 
 
 @dataclass
