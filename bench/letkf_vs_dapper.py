@@ -16,6 +16,9 @@ analysis) timed after the set-up (truth simulation, neighbour lists). Three runs
   its ``seconds_per_cycle`` (one-time set-up excluded) and ``rmse_a``; free_run=false, as DAPPER
   runs no free ensemble; fields stored in analysis.nc below 40000 variables.
 * the API loop: the same config's model, observations and filter in a bare Python loop.
+* ``da-cycle k=4`` (``--strides``): da-cycle with ``filter.analysis_stride`` 4, transforms at every
+  4th point, linearly interpolated between (Yang et al. 2009), the project's counterpart of DAPPER's
+  pairs; its RMSE column says what the interpolation costs against DAPPER.
 
 Translations: DAPPER's ``infl`` multiplies the analysis anomalies, the project's ``inflation``
 the prior covariance, so infl 1.04 is inflation 1.04^2 = 1.0816. DAPPER's GC half-width is
@@ -77,20 +80,21 @@ def dapper_run(dim: int, cycles: int, batch: int) -> dict[str, float]:
     return dict(seconds_per_cycle=seconds / cycles, rmse_a=float(xp.avrgs.err.rms.a.val))
 
 
-def overrides(dim: int, cycles: int, args: argparse.Namespace) -> list[str]:
+def overrides(dim: int, cycles: int, args: argparse.Namespace, stride: int = 1) -> list[str]:
     """``da-cycle`` key=value settings of the twin experiment."""
     return [f"model.dim={dim}", f"cycles={cycles}", f"burn_in={min(BURN_IN, cycles // 2)}", f"seed={SEED}",
             f"filter.ensemble_size={MEMBERS}", f"filter.localization_radius={RADIUS}",
             f"filter.inflation={INFLATION}", f"filter.solver={args.solver}", f"dtype={args.dtype}",
-            f"filter.analysis_stride={args.stride}", "free_run=false", "progress=false",
+            f"filter.analysis_stride={stride}", "free_run=false", "progress=false",
             f"save_fields={str(dim < 40000).lower()}"]
 
 
-def project_cli(dim: int, cycles: int, args: argparse.Namespace) -> dict[str, float]:
-    """``da-cycle``'s seconds_per_cycle and rmse_a, run as a subprocess."""
+def project_cli(dim: int, cycles: int, args: argparse.Namespace, stride: int = 1) -> dict[str, float]:
+    """``da-cycle``'s seconds_per_cycle and rmse_a (``filter.analysis_stride`` ``stride``), as a subprocess."""
     with tempfile.TemporaryDirectory() as out:
-        subprocess.run([str(PROJECT_CLI), str(ROOT / "configs/da/l96_letkf.yaml"), *overrides(dim, cycles, args),
-                        f"output_dir={out}/run"], check=True, capture_output=True)
+        config = ROOT / "configs/da/l96_letkf.yaml"
+        subprocess.run([str(PROJECT_CLI), str(config), *overrides(dim, cycles, args, stride), f"output_dir={out}/run"],
+                       check=True, capture_output=True)
         summary = json.loads((Path(out) / "run" / "summary.json").read_text())
     return dict(seconds_per_cycle=summary["seconds_per_cycle"], rmse_a=summary["rmse_a"])
 
@@ -134,9 +138,9 @@ def row(dim: int, name: str, cycles: int, result: dict[str, float] | None, dappe
     """One table line: cycles/s and rmse_a, and against DAPPER the speed ratio and (runs of 1000
     cycles or more) the relative RMSE difference."""
     if result is None:
-        return f"{dim:>6} {name:<10} {'skipped: DAPPER localizer distance arrays exceed the free memory':>7}"
+        return f"{dim:>6} {name:<14} {'skipped: DAPPER localizer distance arrays exceed the free memory':>7}"
     rate = 1.0 / result["seconds_per_cycle"]
-    text = f"{dim:>6} {name:<10} {cycles:>7} {rate:>10.1f} {result['rmse_a']:>8.4f}"
+    text = f"{dim:>6} {name:<14} {cycles:>7} {rate:>10.1f} {result['rmse_a']:>8.4f}"
     if dapper is not None and result is not dapper:
         text += f" {dapper['seconds_per_cycle'] / result['seconds_per_cycle']:>9.1f}x"
         if min(cycles, dapper_cycles) >= 1000:
@@ -153,7 +157,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="40 variables only, 600 cycles (about a minute)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="the project's dtype")
     parser.add_argument("--solver", default="newton", choices=["eigh", "newton"], help="filter.solver")
-    parser.add_argument("--stride", type=int, default=1, help="filter.analysis_stride (weight interpolation)")
+    parser.add_argument("--strides", type=int, nargs="*", default=[4],
+                        help="filter.analysis_stride values (> 1: weight interpolation) of extra da-cycle rows")
     parser.add_argument("--dapper-batch", type=int, default=2, help="grid points per DAPPER local analysis")
     parser.add_argument("--cycles", type=int, help="cycles for every run (default: per size, see CYCLES)")
     args = parser.parse_args()
@@ -164,11 +169,13 @@ def main() -> None:
     dims = [40] if args.quick else args.dims
     print(f"L96 F=8 dt=0.05, all observed, R=I, N={MEMBERS}; DAPPER 1.7.1 LETKF loc_rad={RADIUS_DAPPER} "
           f"infl={INFL_DAPPER} batch={args.dapper_batch}; project localization_radius={RADIUS:.4f} "
-          f"inflation={INFLATION:.4f} dtype={args.dtype} solver={args.solver} analysis_stride={args.stride}")
+          f"inflation={INFLATION:.4f} dtype={args.dtype} solver={args.solver}")
+    print(f"DAPPER analyses {args.dapper_batch} neighbouring points with one transform (d / {args.dapper_batch} "
+          f"local analyses); the project one per point (k=1) or one per k-th point, interpolated (k={args.strides})")
     print(f"torch {torch.__version__}, default threads {torch.get_num_threads()}, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs; project runs use "
           f"da_plugin.cycle.cpu_threads (1 thread below 2^17 ensemble values); seed {SEED}, burn-in {BURN_IN}")
-    print(f"{'d':>6} {'run':<10} {'cycles':>7} {'cycles/s':>10} {'rmse_a':>8} {'vs DAPPER':>10} {'rmse diff':>9}")
+    print(f"{'d':>6} {'run':<14} {'cycles':>7} {'cycles/s':>10} {'rmse_a':>8} {'vs DAPPER':>10} {'rmse diff':>9}")
     for dim in dims:
         dapper_cycles, cycles = (600, 600) if args.quick else CYCLES.get(dim, (100, 100))
         if args.cycles:
@@ -177,6 +184,9 @@ def main() -> None:
         print(row(dim, "DAPPER", dapper_cycles, dapper, dapper, dapper_cycles), flush=True)
         for name, run in (("da-cycle", project_cli), ("API loop", project_api)):
             print(row(dim, name, cycles, run(dim, cycles, args), dapper, dapper_cycles), flush=True)
+        for stride in args.strides:
+            print(row(dim, f"da-cycle k={stride}", cycles, project_cli(dim, cycles, args, stride), dapper,
+                      dapper_cycles), flush=True)
 
 
 if __name__ == "__main__":

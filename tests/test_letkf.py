@@ -152,9 +152,10 @@ def periodic_linear(size, stride):
     return pairs
 
 
+@pytest.mark.parametrize("solver", ["eigh", "newton"])
 @pytest.mark.parametrize("stride", [2, 4])
 @pytest.mark.parametrize("grid_shape, obs_index, radius", GRIDS)
-def test_weight_interpolation_equals_interpolated_point_loop(grid_shape, obs_index, radius, stride):
+def test_weight_interpolation_equals_interpolated_point_loop(grid_shape, obs_index, radius, stride, solver):
     """With analysis_stride k every point's analysis is the (bi)linear, periodic interpolation of the
     analyses it gets with the weights of the analysed points around it (every k-th per axis)."""
     dim = math.prod(grid_shape)
@@ -172,8 +173,12 @@ def test_weight_interpolation_equals_interpolated_point_loop(grid_shape, obs_ind
             pairs = [(c + (a,), f * g) for c, f in pairs for a, g in axes[axis][coord]]
         centres.append([(level + int(np.ravel_multi_index(c, horizontal)), f) for c, f in pairs])
     expected = letkf_point_loop(forecast, y, obs_index.numpy(), 0.8, grid_shape, radius, 1.1, centres)
-    f = LETKF(ensemble_size=7, localization_radius=radius, inflation=1.1, batch_size=5, analysis_stride=stride)
+    f = LETKF(ensemble_size=7, localization_radius=radius, inflation=1.1, batch_size=5, analysis_stride=stride,
+              solver=solver)
     torch.testing.assert_close(f.analysis(forecast, y, obs), expected, rtol=1e-9, atol=1e-9)
+    # by grid cell where the stride divides the grid, else location by location: both paths are tested
+    by_cell = all(size % stride == 0 for size in horizontal)
+    assert (f.neighbourhoods(obs, forecast.device, forecast.dtype).cells is not None) == by_cell
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-11), (torch.float32, 1e-4)])

@@ -70,7 +70,9 @@ def ensemble_weights(local: torch.Tensor, rinv: torch.Tensor, solver: str = "eig
         a, c_innovation = product[..., :members], product[..., members:]
         a.diagonal(dim1=-2, dim2=-1).add_(members - 1.0)
         root, scale = inverse_sqrt_newton(a, lower=members - 1.0)  # root = (a / scale)^-1/2
-        return root * ((members - 1.0) / scale).sqrt() + root @ (root @ c_innovation) / scale
+        # the two matrix-vector products as multiply-and-sum: CPU bmm pays per matrix, as for a full product
+        mean_weights = (root * (root * c_innovation.mT).sum(-1).unsqueeze(-2)).sum(-1, keepdim=True)
+        return root * ((members - 1.0) / scale).sqrt() + mean_weights / scale
     a = c @ obs_pert
     a.diagonal(dim1=-2, dim2=-1).add_(members - 1.0)
     lam, q = torch.linalg.eigh(a)
@@ -148,7 +150,8 @@ def apply_weights(forecast: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
     (einsum's own layout made CPU bmm loop over the batch)."""
     mean = forecast.mean(0)
     pert = (forecast - mean).reshape(forecast.shape[0], -1, forecast.shape[-1]).permute(2, 1, 0).contiguous()
-    return mean + torch.bmm(pert, weights).permute(2, 1, 0).reshape(forecast.shape)
+    # laid out as the forecast, which the relaxations' reductions over members then sum in its order
+    return torch.bmm(pert, weights).permute(2, 1, 0).contiguous().reshape(forecast.shape).add_(mean)
 
 
 SOLVERS = ("eigh", "newton")
@@ -190,6 +193,45 @@ class Neighbourhoods:
     analysed: torch.Tensor  # [A] locations where transforms are computed (all of them when the stride is 1)
     corners: torch.Tensor | None  # [locations, K] rows of the analysed list to interpolate from; None: stride 1
     factors: torch.Tensor | None  # [locations, K] their interpolation factors, summing to 1
+    cells: Cells | None = None  # the same by grid cell, when the stride divides every horizontal axis
+
+
+@dataclass
+class Cells:
+    """Weight interpolation by grid cell: the q = stride^k locations of a cell (from its lower corner
+    on) share their K = 2^k corners, so each corner's transform is applied to all of them in one
+    product, with no per-location copy of the weights."""
+
+    order: torch.Tensor  # [locations] the locations, cell by cell
+    corners: torch.Tensor  # [A, K] rows of the analysed list at each cell's corners
+    factors: torch.Tensor  # [A, q, K] interpolation factors of the cell's locations, in ``order``
+
+    @classmethod
+    def of(cls, corners: torch.Tensor, factors: torch.Tensor, cells: int) -> Cells:
+        """From per-location ``corners`` and ``factors`` (:func:`interpolation`): the first corner of a
+        location is its cell's lower one, and every cell holds the same number of locations."""
+        order = torch.argsort(corners[:, 0], stable=True)
+        per_cell = len(order) // cells
+        return cls(order, corners[order[::per_cell]], factors[order].view(cells, per_cell, -1))
+
+    def to(self, device: torch.device) -> Cells:
+        return Cells(self.order.to(device), self.corners.to(device), self.factors.to(device))
+
+    def apply(self, columns: torch.Tensor, analysed: torch.Tensor) -> torch.Tensor:
+        """:func:`apply_weights` of ``columns`` ``[N, levels, locations]`` with the interpolated
+        ``analysed`` transforms ``[A, N, N]``: mean + sum_K factor_K X' W_K, per cell."""
+        members, levels = columns.shape[:2]
+        cells, per_cell, corners = self.factors.shape
+        block = columns[..., self.order].view(members, levels, cells, per_cell).permute(2, 3, 1, 0)  # [A, q, lv, N]
+        mean = block.mean(-1, keepdim=True)
+        pert = (block - mean).reshape(cells, per_cell * levels, members)
+        out = mean
+        for corner in range(corners):
+            product = torch.bmm(pert, analysed[self.corners[:, corner]]).view(cells, per_cell, levels, members)
+            out = torch.addcmul(out, self.factors[:, :, corner, None, None], product)
+        result = torch.empty_like(columns)
+        result[..., self.order] = out.permute(3, 2, 0, 1).reshape(members, levels, -1)
+        return result
 
 
 @dataclass
@@ -223,22 +265,28 @@ class LETKF(ETKF):
         locations = hood.neighbours.shape[0]
         # the levels at one horizontal location share its observations, hence its weights
         columns = prior.reshape(prior.shape[0], -1, locations)  # [N, levels, locations]
-        out = torch.empty_like(columns)
 
         def weights_at(points: torch.Tensor | slice) -> torch.Tensor:
             return ensemble_weights(rows[hood.neighbours[points]], hood.rinv[points], self.solver)
 
         if hood.corners is None:
-            for start in range(0, locations, self.batch_size):
-                here = slice(start, start + self.batch_size)
-                out[..., here] = apply_weights(columns[..., here], weights_at(here))
-            return self.relax(forecast, out.reshape(prior.shape))
-        analysed = torch.cat([weights_at(hood.analysed[start:start + self.batch_size])
-                              for start in range(0, len(hood.analysed), self.batch_size)])
+            weights_of = weights_at
+        else:
+            analysed = torch.cat([weights_at(hood.analysed[start:start + self.batch_size])
+                                  for start in range(0, len(hood.analysed), self.batch_size)])
+
+            def weights_of(here: slice) -> torch.Tensor:
+                corners = analysed[hood.corners[here]]  # [B, K, N, N]
+                return torch.bmm(hood.factors[here].unsqueeze(1), corners.flatten(2)).view_as(corners[:, 0])
+
+        if hood.cells is not None:
+            return self.relax(forecast, hood.cells.apply(columns, analysed).reshape(prior.shape))
+        if locations <= self.batch_size:  # one batch, no output buffer to copy into
+            return self.relax(forecast, apply_weights(columns, weights_of(slice(None))).reshape(prior.shape))
+        out = torch.empty_like(columns)
         for start in range(0, locations, self.batch_size):
             here = slice(start, start + self.batch_size)
-            weights = torch.einsum("bk,bkij->bij", hood.factors[here], analysed[hood.corners[here]])
-            out[..., here] = apply_weights(columns[..., here], weights)
+            out[..., here] = apply_weights(columns[..., here], weights_of(here))
         return self.relax(forecast, out.reshape(prior.shape))
 
     def prepare(self, obs: ObservationOperator, device: torch.device, dtype: torch.dtype) -> None:
@@ -267,8 +315,11 @@ class LETKF(ETKF):
                                       None, None)
             else:
                 analysed, corners, factors = interpolation(horizontal, self.analysis_stride)
+                factors = factors.to(dtype)
+                cells = Cells.of(corners, factors, len(analysed)).to(device) \
+                    if all(size % self.analysis_stride == 0 for size in horizontal) else None
                 hood = Neighbourhoods(neighbours, taper, rinv, analysed.to(device), corners.to(device),
-                                      factors.to(device=device, dtype=dtype))
+                                      factors.to(device), cells)
             self._neighbourhoods[key] = hood
         return self._neighbourhoods[key]
 
