@@ -83,7 +83,7 @@ def run(config: ScaleConfig, launch: Launch) -> dict:
             history[key].append(value)
         bar.set_postfix(rmse_a=f"{rmse_a:.3f}")
         forecast = analysis
-    return _summary(config, launch, device, history, config.filter.uses_fused_kernel(forecast, obs))
+    return _summary(config, launch, device, history, config.filter.analysis_backend(forecast, obs))
 
 
 def forecast_slab(ensemble: torch.Tensor, model: Lorenz96, steps: int, chunk: int) -> torch.Tensor:
@@ -113,7 +113,7 @@ def _now(device: torch.device) -> float:
 
 
 def _summary(config: ScaleConfig, launch: Launch, device: torch.device, history: dict[str, list[float]],
-             fused: bool) -> dict:
+             backend: str) -> dict:
     """Means over cycles (after the first, which also compiles kernels) and the slowest rank's times."""
     timings = torch.tensor([statistics.median(history["seconds_analysis"][1:] or history["seconds_analysis"]),
                             statistics.median(history["seconds_forecast"][1:] or history["seconds_forecast"]),
@@ -123,7 +123,7 @@ def _summary(config: ScaleConfig, launch: Launch, device: torch.device, history:
         dist.all_reduce(timings, op=dist.ReduceOp.MAX)
     return dict(dim=config.model.dim, ranks=launch.world, launcher=launch.launcher, device=device.type,
                 members=config.filter.ensemble_size, steps=config.filter.steps, cycles=config.cycles,
-                analysis_kernel="triton" if fused else "torch",
+                analysis_kernel=backend,
                 rmse_a=statistics.fmean(history["rmse_a"]), rmse_f=statistics.fmean(history["rmse_f"]),
                 spread_a=statistics.fmean(history["spread_a"]), seconds_per_analysis=timings[0].item(),
                 seconds_per_forecast=timings[1].item(), peak_gpu_gib_max_rank=timings[2].item(), history=history)
