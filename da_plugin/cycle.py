@@ -220,9 +220,8 @@ def make_generator(seed: int, stream: str, device: str | torch.device = "cpu") -
 
 def ensemble_stats(ensemble: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
     """(RMSE of the ensemble mean against truth, spread = sqrt of mean ensemble variance)."""
-    mean = ensemble.mean(0)
-    rmse = (mean - truth).double().square().mean().sqrt().item()
-    spread = ensemble.double().var(0).mean().sqrt().item()
+    squares = torch.stack([(ensemble.mean(0) - truth).double().square().mean(), ensemble.double().var(0).mean()])
+    rmse, spread = squares.sqrt().tolist()  # one read-out of both
     return rmse, spread
 
 

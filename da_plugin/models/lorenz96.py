@@ -19,7 +19,7 @@ HALO_LEFT, HALO_RIGHT = 2, 1  # neighbours the tendency at k reads: x_{k-2}, x_{
 def _tendency(left2: torch.Tensor, left1: torch.Tensor, x: torch.Tensor, right1: torch.Tensor,
               forcing: float) -> torch.Tensor:
     """(x_{k+1} - x_{k-2}) x_{k-1} - x_k + F from the neighbour arrays."""
-    return (right1 - left2) * left1 - x + forcing
+    return (right1 - left2).mul_(left1).sub_(x).add_(forcing)
 
 
 def tendency(x: torch.Tensor, forcing: float) -> torch.Tensor:
