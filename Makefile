@@ -103,7 +103,7 @@ $(DAPPER_VENV)/.installed:
 bench-dapper: $(STAMP) $(DAPPER_VENV)/.installed
 	$(BIN)/python bench/letkf_vs_dapper.py $(BENCH_ARGS)
 
-# a 64x64 SQG truth run (30 days spin-up, 60 days of 3-hourly frames; about 5 minutes on 2 cores)
+# a 64x64 SQG truth run (30 days spin-up, 60 days of 3-hourly frames; about 15 s on 2 cores)
 # converted into the train/val/test shards the tiny ViT config reads
 TINY_DATA := data/sqg64_tiny
 data-tiny: $(TINY_DATA)/meta.json
