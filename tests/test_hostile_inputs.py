@@ -64,6 +64,8 @@ CASES = {  # tool: [(argv with {file} placeholders, phrase the last line must co
         ([L96, "output_dir={not_a_dir}/run", *TINY_CYCLE], "not_a_dir"),
         ([L96, "device=gpu0", *TINY_CYCLE], "device=gpu0: "),
         ([L96, "threads=-1"], "threads=-1 is out of range: must be an integer >= 0"),
+        ([str(ROOT / "configs/da/sqg_letkf.yaml"), "model.tdiab=.nan"], "model.tdiab=nan is out of range: must be a "
+                                                                         "number > 0 or inf"),
     ],
     "da_plugin.scale": [
         ([SCALE, "model.dim=1000", "cycles=0"], "cycles=0 is out of range: must be an integer >= 1"),
@@ -164,3 +166,12 @@ def test_a_truncated_restart_file_is_named(tmp_path):
     status, err = outcome("da-cycle", [L96, *TINY_CYCLE, f"output_dir={out}", "resume=true"])
     assert status == 1 and "Traceback" not in err and "restart.pt" in err.splitlines()[-1], err
     assert sorted(p.name for p in out.iterdir()) == ["restart.pt"]
+
+
+def test_infinity_stays_allowed_where_the_model_means_none():
+    """SQG's diffusion and relaxation times take inf (no diffusion, no relaxation), as sqgturb's do."""
+    from da_plugin.cycle import CycleConfig
+    from megavit.config import load_config
+
+    config = load_config(CycleConfig, ROOT / "configs/da/sqg_letkf.yaml", ["model.tdiab=.inf", "model.diff_efold=.inf"])
+    assert config.model.tdiab == float("inf") and config.model.diff_efold == float("inf")

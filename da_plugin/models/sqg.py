@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megavit.config import bounded
 from megavit.data.sqg_netcdf import DAY
 
 SQGTURB_JACOBIAN_FACTOR = 2.25  # (3/2)^2: sqgturb's padded-grid FFT normalization, docs/sqg.md
@@ -84,8 +85,8 @@ class SQG:
     theta0: float = 300.0  # reference potential temperature (K)
     dt: float = 1200.0  # RK4 time step (s)
     diff_order: int = 8  # hyperdiffusion order (del^diff_order)
-    diff_efold: float = 86400.0  # e-folding time (s) of the shortest wave N/2; inf: no diffusion
-    tdiab: float = 10.0 * DAY  # relaxation time (s) back to the jet; inf: no relaxation
+    diff_efold: float = bounded(86400.0, gt=0, infinite=True)  # e-folding time (s) of wave N/2; inf: none
+    tdiab: float = bounded(10.0 * DAY, gt=0, infinite=True)  # relaxation (s) back to the jet; inf: none
     r: float = 0.0  # Ekman damping coefficient (m/s), e.g. dek nsq / f; 0: none
     symmetric: bool = True  # symmetric jet (Ekman at both lids); False: no wind at z=0
     sqgturb_compat: bool = False  # True: sqgturb's 2.25x Jacobian, to reproduce its runs
