@@ -105,13 +105,18 @@ def stops_cleanly(prog: str) -> Callable[[Callable[P, int]], Callable[P, int]]:
 
 
 def _process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs on this host; a zombie (exited, not yet reaped) counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no /proc here: trust kill(pid, 0)
+        return True
+    return state != "Z"
 
 
 def clear_stale_stagings(out_dir: Path) -> None:
