@@ -62,18 +62,14 @@ class Bound:
 
     def describe(self, integer: bool = False) -> str:
         """The range in words: ``an integer >= 1``, ``a finite number in [0, 1)``, ``a number > 0 or inf``."""
-        bounded_above = self.le is not None or self.lt is not None
-        kind = "an integer" if integer else "a number" if self.infinite or bounded_above else "a finite number"
-        low = (f"[{_text(self.ge)}" if self.ge is not None else f"({_text(self.gt)}" if self.gt is not None
-               else None)
-        high = (f"{_text(self.le)}]" if self.le is not None else f"{_text(self.lt)})" if self.lt is not None
-                else None)
+        low = ("[", ">=", self.ge) if self.ge is not None else ("(", ">", self.gt) if self.gt is not None else None
+        high = ("]", "<=", self.le) if self.le is not None else (")", "<", self.lt) if self.lt is not None else None
+        kind = "an integer" if integer else "a number" if self.infinite or high else "a finite number"
         if low and high:
-            text = f"{kind} in {low}, {high}"
-        elif low:
-            text = f"{kind} {'>=' if low[0] == '[' else '>'} {low[1:]}"
-        elif high:
-            text = f"{kind} {'<=' if high[-1] == ']' else '<'} {high[:-1]}"
+            text = f"{kind} in {low[0]}{_text(low[2])}, {_text(high[2])}{high[0]}"
+        elif low or high:
+            _, relation, limit = low or high
+            text = f"{kind} {relation} {_text(limit)}"
         else:
             text = kind
         return f"{text} or inf" if self.infinite else text

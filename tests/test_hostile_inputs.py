@@ -132,7 +132,11 @@ def outcome(tool: str, argv: list[str]) -> tuple[int, str]:
     stderr, stdout = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
         try:
-            status = PARSERS_ONLY[tool](argv) and 0 if tool in PARSERS_ONLY else MAINS[tool](argv)
+            if tool in PARSERS_ONLY:
+                PARSERS_ONLY[tool](argv)
+                status = 0
+            else:
+                status = MAINS[tool](argv)
         except SystemExit as stop:
             status = stop.code
     return status, stderr.getvalue()

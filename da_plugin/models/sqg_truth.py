@@ -45,6 +45,7 @@ from da_plugin.models.sqg import PRESETS, SQG, invert
 from megavit.atomic import atomic_file
 from megavit.config import DTYPES, number
 from megavit.data.sqg_netcdf import DAY, FrameReader, InputError, RunWriter, Timeline, check_run, create_run, open_run
+from megavit.inference import check_device
 
 TITLE = "SQG turbulence truth run (da_plugin.models.sqg)"
 COMMAND = "tools/sqg_generate.py"  # the documented command, recorded in each file's history
@@ -362,9 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 plot_spectra(results, args.plot)
                 print(f"wrote {args.plot}")
             return 0
+        check_device(args.device)
         device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise InputError(f"--device {args.device}: CUDA is not available on this machine")
         plan = make_plan(args)
         start = time.perf_counter()
         frames = run(plan, device, args.resume, not args.no_progress)
