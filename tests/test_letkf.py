@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from da_plugin.filters import ETKF, LETKF, EnKF
-from da_plugin.filters.letkf import gaspari_cohn, grid_coordinates, inverse_sqrt_newton
+from da_plugin.filters.letkf import (
+    NEWTON_SCHULZ_COEFFICIENTS,
+    gaspari_cohn,
+    grid_coordinates,
+    inverse_sqrt_newton,
+    newton_schulz_steps,
+)
 from da_plugin.obs import ObservationOperator
 
 
@@ -190,9 +196,23 @@ def test_newton_inverse_square_root_against_eigendecomposition(dtype, tolerance)
     lam = 3.0 * torch.logspace(0, 4, 12, dtype=torch.float64) ** torch.linspace(0, 1, 6, dtype=torch.float64)[:, None]
     a = (q * lam[:, None, :]) @ q.mT
     root, scale = inverse_sqrt_newton(a.to(dtype), lower=3.0)
-    expected = (q * (lam / scale.squeeze(-1).double()).rsqrt()[:, None, :]) @ q.mT
+    expected = (q * (lam / scale).rsqrt()[:, None, :]) @ q.mT
     error = (root.double() - expected).abs().amax((-2, -1)) / expected.abs().amax((-2, -1))
     assert error.max() < tolerance
+
+
+@pytest.mark.parametrize("eps", [torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps])
+def test_newton_schulz_steps_end_for_every_starting_error(eps):
+    """The error recursion reaches eps, or float64 rounding for float64's eps (where it once looped
+    forever), and the steps it counts are the fewest that take the first step's error below eps."""
+    for error in np.linspace(0.001, 0.999, 500):
+        steps = newton_schulz_steps(error, eps)
+        remaining = [error]
+        for _ in range(steps):
+            e = remaining[-1]
+            remaining.append(1.0 - (1.0 - e) * sum(c * e**k for k, c in enumerate(NEWTON_SCHULZ_COEFFICIENTS)) ** 2)
+        assert remaining[-1] <= max(eps, 4 * torch.finfo(torch.float64).eps)
+        assert steps == 1 or remaining[-2] > eps
 
 
 def test_grid_coordinates_match_numpy():

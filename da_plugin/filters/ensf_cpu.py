@@ -25,6 +25,7 @@ runs eagerly, and :meth:`~da_plugin.filters.ensf.EnSF.analysis` then prefers the
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -143,7 +144,11 @@ def _step(z: torch.Tensor, center: torch.Tensor, y: torch.Tensor, precision: tor
     return z * keep + (update + center * center_weight + draw * noise)
 
 
-_compiled_two_steps = torch.compile(two_steps, fullgraph=True, dynamic=False)
+@functools.cache
+def compiled_two_steps() -> Callable[..., torch.Tensor]:
+    """:func:`two_steps` through torch.compile, made on first use: importing the compiler takes about
+    2.5 s, which every ``da-cycle`` start paid while this was done at import."""
+    return torch.compile(two_steps, fullgraph=True, dynamic=False)
 
 
 def blocked_reverse_sde(forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator, schedule: list[Step],
@@ -169,7 +174,7 @@ def blocked_reverse_sde(forecast: torch.Tensor, y: torch.Tensor, obs: Observatio
     keys = [torch.tensor(pair_key(draws.seed, draws.first_draw // 2 + pair)) for pair in range(pairs)]
     row_counters = ((draws.row_offset + torch.arange(members)) * (draws.dim or width) + draws.col_offset).unsqueeze(1)
     column_counters = torch.arange(columns)
-    kernel = _compiled_two_steps if compiled else two_steps
+    kernel = compiled_two_steps() if compiled else two_steps
     arctan = obs.operator == "arctan"
     center = torch.zeros(members, columns)
     analysis = torch.empty_like(forecast)

@@ -70,9 +70,10 @@ def ensemble_weights(local: torch.Tensor, rinv: torch.Tensor, solver: str = "eig
         a, c_innovation = product[..., :members], product[..., members:]
         a.diagonal(dim1=-2, dim2=-1).add_(members - 1.0)
         root, scale = inverse_sqrt_newton(a, lower=members - 1.0)  # root = (a / scale)^-1/2
-        # the two matrix-vector products as multiply-and-sum: CPU bmm pays per matrix, as for a full product
+        # w = a^-1 C d = root (root C d) / scale; the two matrix-vector products as multiply-and-sum,
+        # since CPU bmm pays per matrix as for a full product
         mean_weights = (root * (root * c_innovation.mT).sum(-1).unsqueeze(-2)).sum(-1, keepdim=True)
-        return root * ((members - 1.0) / scale).sqrt() + mean_weights / scale
+        return root.mul_(math.sqrt((members - 1.0) / scale)).add_(mean_weights, alpha=1.0 / scale)
     a = c @ obs_pert
     a.diagonal(dim1=-2, dim2=-1).add_(members - 1.0)
     lam, q = torch.linalg.eigh(a)
@@ -92,7 +93,7 @@ def obs_space(prior: torch.Tensor, y: torch.Tensor, obs: ObservationOperator) ->
 NEWTON_SCHULZ_COEFFICIENTS = (1.0, 1.0 / 2.0, 3.0 / 8.0, 5.0 / 16.0, 35.0 / 128.0)
 
 
-def inverse_sqrt_newton(a: torch.Tensor, lower: float) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_sqrt_newton(a: torch.Tensor, lower: float) -> tuple[torch.Tensor, float]:
     """(Z, s) with Z = (a / s)^-1/2 for a batch ``[B, n, n]`` of symmetric positive definite matrices
     with eigenvalues >= ``lower``, by a Newton-Schulz iteration of order 5 (Higham 2008, sec. 7.3 and
     eq. 6.35, taken to degree 4): from M = a / s and Z = I,
@@ -104,29 +105,29 @@ def inverse_sqrt_newton(a: torch.Tensor, lower: float) -> tuple[torch.Tensor, to
     five, against three for the quadratic Newton-Schulz step: the same precision in about half the
     products, the cost of small batches.
 
-    s ``[B, 1, 1]`` is the middle of [lower, upper], upper the smaller of the Gershgorin and trace
-    bounds on the largest eigenvalue, so every eigenvalue of a / s is 1 - e0 with
-    |e0| <= (upper - lower) / (upper + lower) < 1. An eigenvalue's error then follows
+    The scale s is the middle of [lower, upper], upper the largest over the batch of the smaller of
+    the Gershgorin and trace bounds on each matrix's largest eigenvalue, so every eigenvalue of a / s
+    is 1 - e0 with |e0| <= (upper - lower) / (upper + lower) < 1. An eigenvalue's error then follows
     e <- 1 - (1 - e) p(e)^2, a series in e^5 with positive coefficients (so |e| bounds it from the
     larger of e0 and -e0), which fixes the steps needed for machine precision in advance: no
-    residuals to compute or synchronize on.
+    residuals to compute or synchronize on. One scale for the whole batch (a number, not a tensor)
+    needs the same steps as one per matrix, which the batch's largest bound sets anyway, in fewer
+    tensor operations.
     """
     n = a.shape[-1]
     gershgorin = a.abs().sum(-1).amax(-1)
-    trace = a.diagonal(dim1=-2, dim2=-1).sum(-1) - (n - 1) * lower
-    upper = torch.minimum(gershgorin, trace).clamp_min_(lower)
-    largest = float(upper.max()) if a.numel() else lower
-    steps = newton_schulz_steps((largest - lower) / (largest + lower), torch.finfo(a.dtype).eps)
-    scale = upper.add(lower).mul_(0.5)[:, None, None]
-    c0, c1, c2, c3, c4 = NEWTON_SCHULZ_COEFFICIENTS
+    trace = a.diagonal(dim1=-2, dim2=-1).sum(-1)
+    upper = max(torch.minimum(gershgorin, trace.sub_((n - 1) * lower)).max().item(), lower) if a.numel() else lower
+    steps = newton_schulz_steps((upper - lower) / (upper + lower), torch.finfo(a.dtype).eps)
+    scale = 0.5 * (upper + lower)
+    _, c1, c2, c3, c4 = NEWTON_SCHULZ_COEFFICIENTS  # c0 = 1
     eye = torch.eye(n, dtype=a.dtype, device=a.device)
-    c0_eye = c0 * eye
     m = a / scale
     z = None
     for step in range(steps):
         u = eye - m
         u2 = u @ u
-        t = torch.baddbmm(torch.add(c0_eye, u, alpha=c1).add_(u2, alpha=c2), u2, torch.add(u, u2, alpha=c4 / c3),
+        t = torch.baddbmm(torch.add(eye, u, alpha=c1).add_(u2, alpha=c2), u2, torch.add(u, u2, alpha=c4 / c3),
                           alpha=c3)
         z = t if z is None else z @ t
         if step < steps - 1:
@@ -135,11 +136,14 @@ def inverse_sqrt_newton(a: torch.Tensor, lower: float) -> tuple[torch.Tensor, to
 
 
 def newton_schulz_steps(error: float, eps: float) -> int:
-    """Steps of :func:`inverse_sqrt_newton` taking eigenvalue errors up to ``error`` below ``eps``."""
+    """Steps of :func:`inverse_sqrt_newton` taking eigenvalue errors up to ``error`` below ``eps``
+    (or, for float64's eps, to where the recursion stops shrinking in float64: converged)."""
     steps = 0
     while error > eps:
         series = sum(c * error**k for k, c in enumerate(NEWTON_SCHULZ_COEFFICIENTS))
-        error, steps = 1.0 - (1.0 - error) * series**2, steps + 1
+        error, previous, steps = 1.0 - (1.0 - error) * series**2, error, steps + 1
+        if error >= previous:
+            break
     return steps
 
 
