@@ -89,7 +89,7 @@ def overrides(dim: int, cycles: int, args: argparse.Namespace, stride: int = 1) 
     return [f"model.dim={dim}", f"cycles={cycles}", f"burn_in={min(BURN_IN, cycles // 2)}", f"seed={SEED}",
             f"filter.ensemble_size={MEMBERS}", f"filter.localization_radius={RADIUS}",
             f"filter.inflation={INFLATION}", f"filter.solver={args.solver}", f"dtype={args.dtype}",
-            f"filter.analysis_stride={stride}", "free_run=false", "progress=false",
+            f"filter.analysis_stride={stride}", f"filter.backend={args.backend}", "free_run=false", "progress=false",
             f"save_fields={str(dim < 40000).lower()}"]
 
 
@@ -162,6 +162,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="40 variables only, 600 cycles (about a minute)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="the project's dtype")
     parser.add_argument("--solver", default="newton", choices=["eigh", "newton"], help="filter.solver")
+    parser.add_argument("--backend", default="cpp", choices=["torch", "cpp"],
+                        help="filter.backend (cpp: the local weights in one C++ call; needs --solver newton)")
     parser.add_argument("--strides", type=int, nargs="*", default=[8],
                         help="filter.analysis_stride values (> 1: weight interpolation) of extra da-cycle rows")
     parser.add_argument("--dapper-batch", type=int, default=2, help="grid points per DAPPER local analysis")
@@ -176,7 +178,7 @@ def main() -> None:
     dims = [40] if args.quick else args.dims
     print(f"L96 F=8 dt=0.05, all observed, R=I, N={MEMBERS}; DAPPER 1.7.1 LETKF loc_rad={RADIUS_DAPPER} "
           f"infl={INFL_DAPPER} batch={args.dapper_batch}; project localization_radius={RADIUS:.4f} "
-          f"inflation={INFLATION:.4f} dtype={args.dtype} solver={args.solver}")
+          f"inflation={INFLATION:.4f} dtype={args.dtype} solver={args.solver} backend={args.backend}")
     print(f"DAPPER analyses {args.dapper_batch} neighbouring points with one transform (d / {args.dapper_batch} "
           f"local analyses); the project one per point (k=1) or one per k-th point, interpolated (k={args.strides})")
     print(f"torch {torch.__version__}, default threads {torch.get_num_threads()}, OMP_NUM_THREADS="

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from da_plugin.filters import ETKF, LETKF, EnKF
+from da_plugin.filters import ETKF, LETKF, EnKF, letkf_cpp
 from da_plugin.filters.letkf import (
     NEWTON_SCHULZ_COEFFICIENTS,
+    ensemble_weights,
     gaspari_cohn,
     grid_coordinates,
     inverse_sqrt_newton,
@@ -134,14 +135,18 @@ GRIDS = [((30,), torch.arange(0, 30, 3), 2.5),
          ((2, 6, 8), torch.tensor([0, 5, 9, 17, 30, 44, 50, 61, 70, 83, 95]), 1.2)]
 
 
-@pytest.mark.parametrize("solver", ["eigh", "newton"])
+SOLVERS = [("eigh", "torch"), ("newton", "torch"), ("newton", "cpp")]  # (filter.solver, filter.backend)
+
+
+@pytest.mark.parametrize("solver, backend", SOLVERS)
 @pytest.mark.parametrize("grid_shape, obs_index, radius", GRIDS)
-def test_batched_letkf_equals_point_loop(grid_shape, obs_index, radius, solver):
+def test_batched_letkf_equals_point_loop(grid_shape, obs_index, radius, solver, backend):
     dim = math.prod(grid_shape)
     forecast = ensemble(7, dim, seed=3)
     obs = ObservationOperator("identity", 0.8, obs_index, dim, grid_shape)
     y = obs(forecast.mean(0)) + 0.5
-    f = LETKF(ensemble_size=7, localization_radius=radius, inflation=1.1, batch_size=13, solver=solver)
+    f = LETKF(ensemble_size=7, localization_radius=radius, inflation=1.1, batch_size=13, solver=solver,
+              backend=backend)
     expected = letkf_point_loop(forecast, y, obs_index.numpy(), 0.8, grid_shape, radius, 1.1)
     torch.testing.assert_close(f.analysis(forecast, y, obs), expected, rtol=1e-9, atol=1e-9)
 
@@ -158,10 +163,10 @@ def periodic_linear(size, stride):
     return pairs
 
 
-@pytest.mark.parametrize("solver", ["eigh", "newton"])
+@pytest.mark.parametrize("solver, backend", SOLVERS)
 @pytest.mark.parametrize("stride", [2, 4])
 @pytest.mark.parametrize("grid_shape, obs_index, radius", GRIDS)
-def test_weight_interpolation_equals_interpolated_point_loop(grid_shape, obs_index, radius, stride, solver):
+def test_weight_interpolation_equals_interpolated_point_loop(grid_shape, obs_index, radius, stride, solver, backend):
     """With analysis_stride k every point's analysis is the (bi)linear, periodic interpolation of the
     analyses it gets with the weights of the analysed points around it (every k-th per axis)."""
     dim = math.prod(grid_shape)
@@ -180,7 +185,7 @@ def test_weight_interpolation_equals_interpolated_point_loop(grid_shape, obs_ind
         centres.append([(level + int(np.ravel_multi_index(c, horizontal)), f) for c, f in pairs])
     expected = letkf_point_loop(forecast, y, obs_index.numpy(), 0.8, grid_shape, radius, 1.1, centres)
     f = LETKF(ensemble_size=7, localization_radius=radius, inflation=1.1, batch_size=5, analysis_stride=stride,
-              solver=solver)
+              solver=solver, backend=backend)
     torch.testing.assert_close(f.analysis(forecast, y, obs), expected, rtol=1e-9, atol=1e-9)
     # by grid cell where the stride divides the grid, else location by location: both paths are tested
     by_cell = all(size % stride == 0 for size in horizontal)
@@ -213,6 +218,47 @@ def test_newton_schulz_steps_end_for_every_starting_error(eps):
             remaining.append(1.0 - (1.0 - e) * sum(c * e**k for k, c in enumerate(NEWTON_SCHULZ_COEFFICIENTS)) ** 2)
         assert remaining[-1] <= max(eps, 4 * torch.finfo(torch.float64).eps)
         assert steps == 1 or remaining[-2] > eps
+
+
+@pytest.mark.parametrize("members", [3, 15, 16, 20, 31, 33])
+def test_cpp_kernel_weights_match_the_eigendecomposition(members):
+    """letkf_kernel.cpp against ensemble_weights' eigh path (a LAPACK eigendecomposition per point), in
+    float64 to rounding and in float32 as close as the batched Newton-Schulz path; padded neighbour
+    entries (zero taper) included, member counts on both sides of the kernel's padded widths 16 and 32."""
+    gen = torch.Generator().manual_seed(members)
+    rows = 0.4 * torch.randn(50, members + 1, generator=gen, dtype=torch.float64)
+    rows[:, :members] -= rows[:, :members].mean(1, keepdim=True)
+    neighbours = torch.randint(0, 50, (37, 12), generator=gen)
+    rinv = torch.rand(37, 12, generator=gen, dtype=torch.float64).mul_(2.0)
+    rinv[:, 9:] = 0.0  # padding
+    expected = ensemble_weights(rows[neighbours], rinv, "eigh")
+    torch.testing.assert_close(letkf_cpp.local_weights(rows, neighbours, rinv), expected, rtol=1e-11, atol=1e-11)
+    single = letkf_cpp.local_weights(rows.float(), neighbours, rinv.float())
+    newton = ensemble_weights(rows.float()[neighbours], rinv.float(), "newton")
+    assert (single.double() - expected).abs().max() <= 2 * (newton.double() - expected).abs().max() + 1e-6
+
+
+def test_cpp_backend_settings_and_build_failure(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of torch, cpp, got 'cuda'"):
+        LETKF(backend="cuda")
+    with pytest.raises(ValueError, match="backend=cpp computes the Newton-Schulz weights.*solver='eigh'"):
+        LETKF(backend="cpp")
+    with pytest.raises(ValueError, match="ensemble_size=64"):
+        LETKF(backend="cpp", solver="newton", ensemble_size=64)
+    obs = ObservationOperator("identity", 1.0, torch.arange(40), 40)
+    with pytest.raises(ValueError, match="backend=cpp runs on the CPU, found device meta"):
+        LETKF(backend="cpp", solver="newton", localization_radius=2).prepare(obs, torch.device("meta"), torch.float32)
+
+    def broken(**_):
+        raise RuntimeError("Error building extension\nletkf_kernel.cpp:3: error: expected ';'\n")
+
+    letkf_cpp.kernel.cache_clear()
+    monkeypatch.setattr("torch.utils.cpp_extension.load", broken)
+    try:
+        with pytest.raises(ValueError, match="building letkf_kernel.cpp failed .*error: expected ';'.*backend=torch"):
+            letkf_cpp.kernel()
+    finally:
+        letkf_cpp.kernel.cache_clear()
 
 
 def test_grid_coordinates_match_numpy():

@@ -40,6 +40,7 @@ from typing import Literal
 
 import torch
 
+from da_plugin.filters import letkf_cpp
 from da_plugin.filters.ensemble import EnsembleKalmanMixin
 from da_plugin.obs import ObservationOperator
 
@@ -159,6 +160,7 @@ def apply_weights(forecast: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
 
 
 SOLVERS = ("eigh", "newton")
+BACKENDS = ("torch", "cpp")
 
 
 @dataclass
@@ -245,6 +247,9 @@ class LETKF(ETKF):
     localization_radius: float | None = None  # grid units (Sakov & Bertino, see module docstring); None: global
     batch_size: int = 8192  # grid points per batched solve (bounds memory)
     analysis_stride: int = 1  # > 1: transforms at every k-th location, interpolated between (module docstring)
+    # torch: batched tensor operations (any device); cpp: the local weights in one C++ call on the CPU
+    # (solver=newton, N < 64; da_plugin/filters/letkf_cpp.py, built on first use)
+    backend: Literal["torch", "cpp"] = "torch"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -256,6 +261,12 @@ class LETKF(ETKF):
         if self.analysis_stride < 1:
             raise ValueError(f"filter.analysis_stride must be >= 1 (1: a transform at every location), "
                              f"got {self.analysis_stride}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"filter.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "cpp" and (self.solver != "newton" or not 2 <= self.ensemble_size < 64):
+            raise ValueError(f"filter.backend=cpp computes the Newton-Schulz weights of 2 to 63 members: it needs "
+                             f"filter.solver=newton and ensemble_size < 64, found solver={self.solver!r}, "
+                             f"ensemble_size={self.ensemble_size}")
 
     def analysis(self, forecast: torch.Tensor, y: torch.Tensor, obs: ObservationOperator,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -271,6 +282,8 @@ class LETKF(ETKF):
         columns = prior.reshape(prior.shape[0], -1, locations)  # [N, levels, locations]
 
         def weights_at(points: torch.Tensor | slice) -> torch.Tensor:
+            if self.backend == "cpp":
+                return letkf_cpp.local_weights(rows, hood.neighbours[points], hood.rinv[points])
             return ensemble_weights(rows[hood.neighbours[points]], hood.rinv[points], self.solver)
 
         if hood.corners is None:
@@ -294,7 +307,12 @@ class LETKF(ETKF):
         return self.relax(forecast, out.reshape(prior.shape))
 
     def prepare(self, obs: ObservationOperator, device: torch.device, dtype: torch.dtype) -> None:
-        """Build the neighbourhoods of ``obs`` now (once per network), so cycles do not time it."""
+        """Build the neighbourhoods of ``obs`` now (once per network) and, with backend=cpp, the kernel,
+        so cycles do not time them."""
+        if self.backend == "cpp":
+            if torch.device(device).type != "cpu":
+                raise ValueError(f"filter.backend=cpp runs on the CPU, found device {device}")
+            letkf_cpp.kernel()
         self.neighbourhoods(obs, device, dtype)
 
     def local_observations(self, obs: ObservationOperator, device: torch.device,
