@@ -64,6 +64,8 @@ CASES = {  # tool: [(argv with {file} placeholders, phrase the last line must co
         ([L96, "output_dir={not_a_dir}/run", *TINY_CYCLE], "not_a_dir"),
         ([L96, "device=gpu0", *TINY_CYCLE], "device=gpu0: "),
         ([L96, "threads=-1"], "threads=-1 is out of range: must be an integer >= 0"),
+        ([L96, "filter.backend=cpp"], "needs filter.solver=newton"),
+        ([L96, "filter.backend=gpu"], "filter.backend: 'gpu' is not one of"),
         ([str(ROOT / "configs/da/sqg_letkf.yaml"), "model.tdiab=.nan"], "model.tdiab=nan is out of range: must be a "
                                                                          "number > 0 or inf"),
     ],

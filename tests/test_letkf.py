@@ -231,6 +231,7 @@ def test_cpp_kernel_weights_match_the_eigendecomposition(members):
     neighbours = torch.randint(0, 50, (37, 12), generator=gen)
     rinv = torch.rand(37, 12, generator=gen, dtype=torch.float64).mul_(2.0)
     rinv[:, 9:] = 0.0  # padding
+    rinv[0] = 0.0  # a point without observations: weights I
     expected = ensemble_weights(rows[neighbours], rinv, "eigh")
     torch.testing.assert_close(letkf_cpp.local_weights(rows, neighbours, rinv), expected, rtol=1e-11, atol=1e-11)
     single = letkf_cpp.local_weights(rows.float(), neighbours, rinv.float())
