@@ -333,6 +333,26 @@ def test_groups_of_members_over_worker_threads_give_the_same_numbers(monkeypatch
     torch.testing.assert_close(two_threads, expected, rtol=0, atol=1e-12 * expected.abs().max())
 
 
+def test_worker_threads_step_under_the_callers_inference_mode(monkeypatch):
+    """da-cycle steps under torch.inference_mode, which is per thread: the workers must take it (an
+    inference tensor's groups are updated in place there), and buffers made then must serve later
+    steps outside it. The numbers are those of a plain step."""
+    model = SQG(N=32, sqgturb_compat=True)
+    x = torch.stack([model.jet() + smooth_field(model, seed) for seed in range(4)])
+    monkeypatch.setattr(sqg, "GROUP_BYTES", 1)  # one member per group: both workers busy
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sqg._workers.cache_clear()  # the buffers are made in inference mode below
+        with torch.inference_mode():
+            inside = model.step(x.clone(), 2)
+        outside = model.step(x, 2)
+    finally:
+        torch.set_num_threads(threads)
+    assert inside.is_inference() and not outside.is_inference()
+    torch.testing.assert_close(inside.clone(), outside, rtol=0, atol=0)
+
+
 def test_steps_from_several_threads_do_not_share_buffers_at_once():
     model = SQG(N=32)
     states = [model.jet() + smooth_field(model, seed) for seed in range(4)]

@@ -494,14 +494,21 @@ def _integrate(model: SQG, theta_hat: torch.Tensor, steps: int, workers: int) ->
     cached = _workers(model, dtype, device, groups[0].shape[0])
     steppers = cached.steppers
 
+    # inference mode is per thread: the workers take the caller's, so that the groups of an inference
+    # tensor (da-cycle steps under torch.inference_mode) may be updated in place there
+    inference = torch.is_inference_mode_enabled()
+
     def work(worker: int) -> None:
-        for group in groups[worker::workers]:
-            steppers[worker].run(group, steps)
+        with torch.inference_mode(inference):
+            for group in groups[worker::workers]:
+                steppers[worker].run(group, steps)
 
     with cached.lock:  # another thread's step with the same buffers waits
-        while len(steppers) < workers:
-            steppers.append(_Stepper(_step_operators(model, dtype, device), model.dt, groups[0].shape[0], dtype,
-                                     device))
+        # the cached buffers are plain tensors, whichever mode made them, so any later step may update them
+        with torch.inference_mode(False):
+            while len(steppers) < workers:
+                steppers.append(_Stepper(_step_operators(model, dtype, device), model.dt, groups[0].shape[0], dtype,
+                                         device))
         if workers == 1:
             work(0)
         else:
