@@ -175,6 +175,8 @@ def main() -> None:
         sys.exit(f"{DAPPER_PYTHON} is missing: `make bench-dapper` installs DAPPER 1.7.1 into .venv-dapper")
     import torch
 
+    from da_plugin.cycle import SMALL_PROBLEM
+
     dims = [40] if args.quick else args.dims
     print(f"L96 F=8 dt=0.05, all observed, R=I, N={MEMBERS}; DAPPER 1.7.1 LETKF loc_rad={RADIUS_DAPPER} "
           f"infl={INFL_DAPPER} batch={args.dapper_batch}; project localization_radius={RADIUS:.4f} "
@@ -183,7 +185,8 @@ def main() -> None:
           f"local analyses); the project one per point (k=1) or one per k-th point, interpolated (k={args.strides})")
     print(f"torch {torch.__version__}, default threads {torch.get_num_threads()}, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs; project runs use "
-          f"da_plugin.cycle.cpu_threads (1 thread below 2^12 ensemble values); seed {SEED}, burn-in {BURN_IN}")
+          f"da_plugin.cycle.cpu_threads (1 thread below {SMALL_PROBLEM} ensemble values); seed {SEED}, "
+          f"burn-in {BURN_IN}")
     print(f"{'d':>6} {'run':<14} {'cycles':>7} {'cycles/s':>10} {'rmse_a':>8} {'vs DAPPER':>10} {'rmse diff':>9}")
     for dim in dims:
         dapper_cycles, cycles = (600, 600) if args.quick else CYCLES.get(dim, (100, 100))

@@ -41,9 +41,8 @@ class AnalysisWriter:
     cycle cost a third of a 40-variable LETKF cycle. A field's chunks hold a block's cycles (at most
     ``CHUNK_BYTES``), not netCDF's default of one cycle, which compressed and wrote a chunk per row
     and made flushing a 40-variable run cost half as much as its analyses. Fields are stored flat
-    over ``x``; the global
-    attribute ``field_shape`` gives the grid they unflatten to (``[d]`` for Lorenz-96,
-    ``[levels, y, x]`` for SQG). ``shock`` is the standard deviation of the noise added to the
+    over ``x``; the global attribute ``field_shape`` gives the grid they unflatten to (``[d]`` for
+    Lorenz-96, ``[levels, y, x]`` for SQG). ``shock`` is the standard deviation of the noise added to the
     truth at each cycle (0: none).
     """
 
